@@ -1,0 +1,182 @@
+"""`scldm-scale` command line: prepare, train, encode, generate, evaluate, demo.
+
+Training is launched by torchrun / the deepspeed launcher (one process per device) or runs as a
+single process::
+
+    torchrun --standalone --nproc_per_node=2 -m scldm_scale.cli train recipes/quickstart.yaml train.max_steps=100
+
+Errors in the user's input print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from scldm_scale.errors import ScldmError
+
+
+def _split_recipes(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    recipes = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return recipes, overrides
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    if args.kind == "synthetic":
+        from scldm_scale.data.synthetic import write_synthetic_atlas
+
+        meta = write_synthetic_atlas(args.out, n_cells=args.cells, n_genes=args.genes, n_shards=args.shards,
+                                     n_cell_types=args.cell_types, heldout_fraction=args.heldout_fraction,
+                                     seed=args.seed, progress=not args.quiet)
+        print(f"wrote {meta['n_cells']} cells x {meta['n_genes']} genes in {len(meta['shards'])} shards to {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from scldm_scale.config import load_config
+    from scldm_scale.train.trainer import train
+
+    recipes, overrides = _split_recipes(args.items)
+    cfg = load_config(recipes, overrides)
+    out = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {out}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from scldm_scale.tasks.encode import encode
+
+    out = encode(args.vae_run, data_path=args.data or "", out_dir=args.out or "", batch_size=args.batch_size,
+                 progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"latents written to {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from scldm_scale.data.labels import LabelTables
+    from scldm_scale.tasks.generate import conditions_matching, generate, parse_condition, read_conditions_file
+    from scldm_scale.train.export import export_path
+
+    conditions = [parse_condition(c, args.n_cells or 100) for c in args.condition or []]
+    if args.conditions:
+        conditions += read_conditions_file(args.conditions)
+    if args.match:
+        attributes = LabelTables.load(export_path(args.ldm_run) / "labels.json").attributes
+        conditions += conditions_matching(args.match, attributes, args.n_cells, args.seed)
+    guidance = {}
+    for item in args.guidance or []:
+        key, _, value = item.partition("=")
+        try:
+            guidance[key] = float(value)
+        except ValueError:
+            raise ScldmError(f"--guidance '{item}': expected attribute=weight (e.g. cell_type=2.0)") from None
+    out = generate(args.ldm_run, conditions, args.out, guidance=guidance, num_steps=args.steps,
+                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
+                   progress=not args.quiet)
+    print(f"wrote {sum(n for _, n in conditions)} cells to {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    import anndata as ad
+
+    from scldm_scale.eval.evaluate import evaluate
+
+    for path in (args.reference, args.generated):
+        if not os.path.isfile(path):
+            raise ScldmError(f"{path}: file not found")
+    metrics = evaluate(ad.read_h5ad(args.reference), ad.read_h5ad(args.generated), label_keys=args.labels,
+                       out_json=args.out, report_path=args.report, seed=args.seed)
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from scldm_scale.tasks.demo import run_demo
+
+    ok = run_demo(args.out, n_cells=args.cells, n_genes=args.genes, nproc=args.nproc, recipe=args.recipe,
+                  overrides=args.items)
+    if not ok:
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scldm-scale", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="write training data (synthetic atlas)")
+    p.add_argument("kind", choices=["synthetic"])
+    p.add_argument("out")
+    p.add_argument("--cells", type=int, default=10_000)
+    p.add_argument("--genes", type=int, default=2_000)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--cell-types", type=int, default=8)
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a stage (run.stage=vae|ldm) from recipes and key=value overrides")
+    p.add_argument("items", nargs="+", metavar="RECIPE.yaml|key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("encode", help="write the latents of a dataset with a trained VAE (for stage 2)")
+    p.add_argument("--vae-run", required=True)
+    p.add_argument("--data", help="h5ad shards (default: the VAE run's data.path)")
+    p.add_argument("--out", help="latent cache directory (default: <vae-run>/latents)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("generate", help="generate cells for requested conditions -> .h5ad")
+    p.add_argument("--ldm-run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--condition", action="append", help="attr=value[,attr=value][:N] (repeatable)")
+    p.add_argument("--conditions", help="CSV/YAML of conditions with an n_cells column")
+    p.add_argument("--match", help="reproduce the label distribution of this reference .h5ad")
+    p.add_argument("--n-cells", type=int, help="cells per --condition without :N, or total for --match")
+    p.add_argument("--guidance", action="append", help="attr=weight (repeatable); 1 = plain conditional")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", choices=["euler", "heun", "adaptive"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="generated vs held-out real cells -> JSON (+ report)")
+    p.add_argument("--reference", required=True)
+    p.add_argument("--generated", required=True)
+    p.add_argument("--labels", nargs="*", default=["cell_type"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--report")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synthetic atlas -> VAE -> latents -> LDM -> generate -> evaluate")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--cells", type=int, default=6000)
+    p.add_argument("--genes", type=int, default=1000)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--recipe", default="recipes/quickstart.yaml")
+    p.add_argument("items", nargs="*", metavar="key=value", help="overrides for both stages")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ScldmError as err:
+        if os.environ.get("SCLDM_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Run configuration: one structured schema, recipes merged left to right, `key=value` overrides.
+
+A run is described by one or more recipe YAMLs (merged in order) plus dotted overrides on the
+command line. The schema is a tree of dataclasses held by OmegaConf in struct mode, so a
+misspelled key is an error that names the key and the closest valid one. Values that come from
+the data (vocabulary size, label cardinalities) or from another stage (latent shape) are left at
+their empty defaults in recipes and filled in one place, :func:`derive`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from scldm_scale.data.config import DataConfig
+from scldm_scale.errors import ScldmError
+from scldm_scale.flow.guidance import GuidanceMode
+from scldm_scale.flow.interpolant import TimeSampling
+from scldm_scale.flow.samplers import SamplerKind
+from scldm_scale.nn.dit import DIT_PRESETS, DiTConfig
+from scldm_scale.nn.vae import VAE_PRESETS, VAEConfig
+
+
+class Stage(str, Enum):
+    VAE = "vae"
+    LDM = "ldm"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Schedule(str, Enum):
+    COSINE = "cosine"  # linear warmup, cosine decay to min_lr_ratio * lr
+    WSD = "wsd"  # linear warmup, constant, linear decay over the last decay_fraction of steps
+
+
+class DecodeGenes(str, Enum):
+    ALL = "all"  # reconstruct every vocabulary gene (exact, O(g) per cell)
+    SAMPLED = "sampled"  # expressed genes + a seeded sample of zeros, loss reweighted
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"  # the run directory is <output_dir>/<name>
+    stage: Stage = Stage.VAE
+    seed: int = 0
+    resume: bool = False  # continue from <run dir>/checkpoints/latest
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak LR for the global batch below; scale it explicitly when you change the batch
+    reference_global_batch: int = 0  # if > 0: lr is scaled by global_batch / reference_global_batch (linear rule)
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Schedule = Schedule.COSINE
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # WSD only
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # length of the run (and of the LR schedule)
+    stop_at_step: int = 0  # if > 0: checkpoint and stop after this step (a planned interruption)
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: Precision = Precision.FP32
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500  # 0: only at the end
+    keep_last: int = 2
+    ema_decay: float = 0.999  # 0 disables EMA
+    # VAE stage
+    kl_weight: float = 0.0
+    decode_genes: DecodeGenes = DecodeGenes.ALL
+    n_zero_genes: int = 512  # zeros sampled per cell when decode_genes=sampled
+    library_loss_weight: float = 0.1
+    # raw DeepSpeed keys merged last into the generated DeepSpeed JSON
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FlowConfig:
+    time_sampling: TimeSampling = TimeSampling.UNIFORM
+    label_dropout: list[float] = field(default_factory=list)  # per label attribute; empty = 0.1 for all
+    sampler: SamplerKind = SamplerKind.HEUN
+    num_steps: int = 50
+    guidance_mode: GuidanceMode = GuidanceMode.PER_ATTRIBUTE
+    guidance: list[float] = field(default_factory=list)  # per label attribute; empty = 1.0 (plain conditional)
+
+
+@dataclass
+class LDMConfig:
+    vae_run: str = ""  # run directory of the trained VAE (its export/ is loaded)
+    latents: str = ""  # latent cache written by `scldm-scale encode` (default <vae_run>/latents)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "scldm-scale"
+    wandb_mode: str = "offline"  # offline | online
+    wandb_group: str = ""  # default: the recipe name
+    progress: bool = True
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = detect known GPUs, else no MFU
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae_preset: str = ""  # a name from VAE_PRESETS; explicit vae.* keys override it
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    dit_preset: str = ""  # a name from DIT_PRESETS; explicit dit.* keys override it
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, merging, overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass schema (for 'did you mean' suggestions)."""
+    keys: list[str] = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_valid_keys(default, key + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> ScldmError:
+    full_key = getattr(err, "full_key", "") or getattr(err, "key", "") or "?"
+    if isinstance(err, ConfigKeyError):
+        valid = _valid_keys(Config)
+        close = difflib.get_close_matches(str(full_key), valid, n=1, cutoff=0.5)
+        if not close:  # compare the last component within the same section
+            section, _, leaf = str(full_key).rpartition(".")
+            siblings = [k for k in valid if k.rpartition(".")[0] == section]
+            close = [s for s in difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in siblings], n=1)]
+            close = [f"{section}.{c}" if section else c for c in close]
+        hint = f"did you mean '{close[0]}'?" if close else "see recipes/quickstart.yaml for the valid keys"
+        return ScldmError(f"{where}: unknown config key '{full_key}'; {hint}")
+    if isinstance(err, ValidationError):
+        return ScldmError(f"{where}: bad value for '{full_key}': {str(err).splitlines()[0]}")
+    return ScldmError(f"{where}: {str(err).splitlines()[0]}")
+
+
+def load_config(recipes: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema <- recipe 1 <- recipe 2 ... <- `key=value` overrides (later wins)."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    for recipe in recipes:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ScldmError(f"{path}: recipe not found; pass an existing YAML (e.g. recipes/quickstart.yaml)")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as err:  # yaml syntax errors
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ScldmError(f"{path}: not a valid YAML recipe ({first}); fix the syntax") from None
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ScldmError(f"override '{item}': expected key=value (e.g. train.max_steps=100)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override '{item}'") from None
+    _apply_presets(cfg)
+    return cfg
+
+
+def _apply_presets(cfg: DictConfig) -> None:
+    """A preset fills the fields the recipes did not set explicitly."""
+    for preset_key, section, presets in (("vae_preset", "vae", VAE_PRESETS), ("dit_preset", "dit", DIT_PRESETS)):
+        name = cfg[preset_key]
+        if not name:
+            continue
+        if name not in presets:
+            raise ScldmError(f"{preset_key}='{name}' is not a known preset; choose one of {sorted(presets)}")
+        defaults = OmegaConf.structured(type(OmegaConf.to_object(cfg[section])))
+        explicit = {k: v for k, v in cfg[section].items() if v != defaults[k]}
+        merged = OmegaConf.merge(cfg[section], presets[name], explicit)
+        cfg[section] = merged
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """Typed view of the config (dataclass instances with enums)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def run_dir(cfg: DictConfig | Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+# ---------------------------------------------------------------------------------------------
+# derived values: the one place where data-dependent fields are filled
+# ---------------------------------------------------------------------------------------------
+
+
+def derive(cfg: DictConfig, *, n_genes: int | None = None, label_cardinalities: Sequence[int] | None = None,
+           vae: VAEConfig | None = None) -> DictConfig:
+    """Fill data-dependent fields: vocabulary size, label cardinalities, latent shape, per-attribute lists."""
+    if n_genes is not None:
+        cfg.vae.n_genes = int(n_genes)
+    if label_cardinalities is not None:
+        cfg.dit.label_cardinalities = [int(c) for c in label_cardinalities]
+        n_attr = len(label_cardinalities)
+        for key, default in (("label_dropout", 0.1), ("guidance", 1.0)):
+            values = list(cfg.flow[key])
+            if not values:
+                values = [default] * n_attr
+            elif len(values) == 1 and n_attr > 1:
+                values = values * n_attr
+            if len(values) != n_attr:
+                raise ScldmError(
+                    f"flow.{key} has {len(values)} values but data.label_columns has {n_attr}; give one per label column"
+                )
+            cfg.flow[key] = values
+    if vae is not None:
+        cfg.vae = OmegaConf.merge(cfg.vae, OmegaConf.structured(vae))
+        cfg.dit.n_tokens = vae.n_latent_tokens
+        cfg.dit.d_in = vae.d_latent
+    return cfg

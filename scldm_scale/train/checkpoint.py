@@ -1,0 +1,106 @@
+"""Atomic, resumable training checkpoints on top of DeepSpeed's sharded save/load.
+
+Layout of ``<run dir>/checkpoints/``::
+
+    latest                     the tag of the newest COMPLETE checkpoint (written last, atomically)
+    step00000100/              DeepSpeed model/optimizer/scheduler shards + client_rank{r}.pt
+    step00000200/
+
+A checkpoint is written into ``<tag>.partial`` by every rank; only after all ranks have finished
+(barrier) does rank 0 rename it to ``<tag>`` and then replace ``latest``. A crash at any point
+leaves the previous checkpoint and ``latest`` untouched; stale ``.partial`` folders are removed
+on the next save. The client file of each rank holds the step, the data loader position, the RNG
+states and (rank 0) the EMA weights; it is loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TAG_RE = re.compile(r"^step(\d{8})$")
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest_tag(root: str | os.PathLike) -> str | None:
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (Path(root) / tag).is_dir() else None
+
+
+def save_checkpoint(engine, root: str | os.PathLike, step: int, client: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it. ``client`` is this rank's own state."""
+    root = Path(root)
+    rank = dist.get_rank()
+    tag = _tag(step)
+    partial = f"{tag}.partial"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=partial, client_state={}, save_latest=False)
+    client_path = root / partial / f"client_rank{rank}.pt"
+    tmp = client_path.with_name(f".{client_path.name}.tmp")
+    torch.save(client, tmp)
+    os.replace(tmp, client_path)
+    dist.barrier()
+    if rank == 0:
+        final = root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / partial, final)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.write_text(tag)
+        os.replace(pointer_tmp, root / "latest")
+        _prune(root, keep_last, keep=tag)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    if keep_last <= 0:
+        return
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+    for name in tags[:-keep_last]:
+        if name != keep:
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def load_checkpoint(engine, root: str | os.PathLike) -> dict[str, Any] | None:
+    """Collective. Loads the latest complete checkpoint into ``engine``; returns this rank's client state."""
+    root = Path(root)
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+    rank = dist.get_rank()
+    path = root / tag / f"client_rank{rank}.pt"
+    if not path.is_file():  # resumed on more ranks than saved: start from rank 0's client state
+        path = root / tag / "client_rank0.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Collective. The full (unpartitioned) fp32 weights; complete on every rank."""
+    module = engine.module
+    if int(zero_stage) == 3:
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}

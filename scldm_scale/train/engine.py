@@ -1,0 +1,150 @@
+"""DeepSpeed engine: process group, the DeepSpeed JSON generated from the recipe, initialization.
+
+This module and :mod:`scldm_scale.train.checkpoint` are the only ones that import deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scldm_scale.config import Precision
+from scldm_scale.train.schedules import build_schedule
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group started by torchrun / the deepspeed launcher, or make a 1-rank group.
+
+    The backend is NCCL on CUDA and gloo on CPU.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m scldm_scale.cli train ...`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def deepspeed_config(cfg: Any, micro_batch_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for a recipe. ``train.deepspeed`` keys are merged last (raw pass-through)."""
+    train, optim = cfg.train, cfg.optim
+    precision = Precision(train.precision)
+    zero: dict[str, Any] = {"stage": int(train.zero_stage)}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.offload_params:
+        if int(train.zero_stage) != 3:
+            from scldm_scale.errors import ScldmError
+
+            raise ScldmError("train.offload_params=true needs train.zero_stage=3; set zero_stage=3 or disable offload_params")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if int(train.zero_stage) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    optimizer_params: dict[str, Any] = {
+        "lr": effective_lr(cfg, micro_batch_size),
+        "betas": list(optim.betas),
+        "eps": optim.eps,
+        "weight_decay": optim.weight_decay,
+    }
+    if not train.offload_optimizer:
+        optimizer_params["torch_adam"] = True  # no fused CUDA kernel needed; DeepSpeedCPUAdam under offload
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": int(micro_batch_size),
+        "gradient_accumulation_steps": int(train.grad_accum),
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "bf16": {"enabled": precision == Precision.BF16},
+        "fp16": {"enabled": precision == Precision.FP16, "initial_scale_power": 12},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _deep_merge(ds, dict(train.deepspeed))
+
+
+def effective_lr(cfg: Any, micro_batch_size: int) -> float:
+    """Peak LR, linearly scaled with the global batch when ``optim.reference_global_batch`` is set."""
+    lr = float(cfg.optim.lr)
+    ref = int(cfg.optim.reference_global_batch)
+    if ref > 0:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        lr *= micro_batch_size * int(cfg.train.grad_accum) * world / ref
+    return lr
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases, embeddings' per-gene scalars)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, cfg: Any, micro_batch_size: int, run_dir: Path | None = None):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the recipe's LR schedule."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, micro_batch_size)
+    if run_dir is not None and torch.distributed.get_rank() == 0:
+        path = Path(run_dir) / "deepspeed.json"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(ds_config, indent=2))
+        os.replace(tmp, path)
+    schedule = build_schedule(cfg.optim, int(cfg.train.max_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, float(cfg.optim.weight_decay)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    return engine
+
+
+def gather_params(zero_stage: int):
+    """Context-manager factory materializing partitioned (ZeRO-3) parameters; a no-op otherwise."""
+    if int(zero_stage) != 3:
+        return lambda params: contextlib.nullcontext()
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def destroy_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,59 @@
+"""Transformer blocks: MCAB (cross-attention, pooling and unpooling) and self-attention."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from scldm_scale.nn.attention import MultiheadAttention
+
+
+class MLP(nn.Module):
+    """Two-layer GELU MLP."""
+
+    def __init__(self, d_model: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        d_hidden = int(d_model * mlp_ratio)
+        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(d_hidden, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_nqd: Tensor) -> Tensor:
+        return self.dropout(self.fc2(self.act(self.fc1(x_nqd))))  # (n, q, d)
+
+
+class MCAB(nn.Module):
+    """Multi-head Cross-Attention Block: pre-norm cross-attention then MLP on the query stream.
+
+    Pooling: m learned queries over a masked gene set (permutation invariant).
+    Unpooling: one query per gene over the m latent tokens (permutation equivariant).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_kv = nn.LayerNorm(d_model)
+        self.attn = MultiheadAttention(d_model, n_heads, dropout=dropout)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio, dropout)
+
+    def forward(self, q_nqd: Tensor, kv_nkd: Tensor, key_mask_nk: Tensor | None = None) -> Tensor:
+        q_nqd = q_nqd + self.attn(self.ln_q(q_nqd), self.ln_kv(kv_nkd), key_mask_nk)  # (n, q, d)
+        q_nqd = q_nqd + self.mlp(self.ln_mlp(q_nqd))  # (n, q, d)
+        return q_nqd
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block: self-attention then MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.attn = MultiheadAttention(d_model, n_heads, dropout=dropout)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio, dropout)
+
+    def forward(self, x_nmd: Tensor, key_mask_nm: Tensor | None = None) -> Tensor:
+        x_nmd = x_nmd + self.attn(self.ln_attn(x_nmd), key_mask_nk=key_mask_nm)  # (n, m, d)
+        x_nmd = x_nmd + self.mlp(self.ln_mlp(x_nmd))  # (n, m, d)
+        return x_nmd

@@ -1,0 +1,129 @@
+"""Set VAE: shapes, fitting toy cells, chunked decode, FLOPs."""
+
+import pytest
+import torch
+
+from scldm_scale.nn.likelihood import nb_log_prob
+from scldm_scale.nn.vae import VAE_PRESETS, ScVAE, VAEConfig, ValueEmbedding
+
+
+def tiny_cfg(**kw):
+    base = dict(n_genes=20, d_model=32, n_heads=4, n_latent_tokens=4, d_latent=8,
+                n_encoder_layers=1, n_decoder_layers=1)
+    base.update(kw)
+    return VAEConfig(**base)
+
+
+def test_requires_vocabulary_size():
+    with pytest.raises(ValueError, match="n_genes"):
+        ScVAE(VAEConfig())
+
+
+def test_presets_build_configs():
+    assert {"vae-xs", "vae-s", "vae-b", "vae-l"} <= set(VAE_PRESETS)
+    cfg = VAEConfig(n_genes=10, **VAE_PRESETS["vae-xs"])
+    assert (cfg.d_model, cfg.n_latent_tokens, cfg.d_latent) == (64, 8, 8)
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_shapes_and_normalized_latents(variational):
+    torch.manual_seed(0)
+    vae = ScVAE(tiny_cfg(variational=variational, value_embedding=ValueEmbedding.MULTIPLY))
+    gene_ids = torch.randint(0, 20, (3, 6))
+    counts = torch.randint(1, 10, (3, 6)).float()
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    assert vae.tokenize(gene_ids, counts).shape == (3, 6, 32)
+    enc = vae.encode(gene_ids, counts, mask)
+    assert enc["z_nmz"].shape == enc["mu_nmz"].shape == (3, 4, 8)
+    # per-token normalization without affine
+    torch.testing.assert_close(enc["mu_nmz"].mean(-1), torch.zeros(3, 4), atol=1e-5, rtol=0)
+    if variational:
+        assert enc["logvar_nmz"].shape == (3, 4, 8)
+        assert not torch.equal(enc["z_nmz"], enc["mu_nmz"])  # sampled in training mode
+        vae.eval()
+        enc = vae.encode(gene_ids, counts, mask)
+        assert torch.equal(enc["z_nmz"], enc["mu_nmz"])
+    else:
+        assert enc["logvar_nmz"] is None and torch.equal(enc["z_nmz"], enc["mu_nmz"])
+    dec = vae.decode(enc["z_nmz"], torch.arange(20).expand(3, 20))
+    assert dec["logits_nt"].shape == (3, 20) and dec["log_library_n"].shape == (3,)
+    theta = vae.dispersion(torch.arange(20).expand(3, 20))
+    torch.testing.assert_close(theta, torch.ones(3, 20))
+
+
+def test_nb_mean_sums_to_library_over_unmasked_genes():
+    vae = ScVAE(tiny_cfg())
+    logits = torch.randn(2, 5)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    library = torch.tensor([100.0, 50.0])
+    mean = vae.nb_mean(logits, library, mask)
+    torch.testing.assert_close(mean.sum(-1), library)
+    assert (mean[1, [2, 4]] == 0).all()
+    torch.testing.assert_close(vae.nb_mean(logits, library).sum(-1), library)
+
+
+def test_chunked_decode_equals_unchunked():
+    torch.manual_seed(0)
+    vae = ScVAE(tiny_cfg(decode_chunk_size=4096)).eval()
+    z = torch.randn(2, 4, 8)
+    gene_ids = torch.arange(20).expand(2, 20)
+    with torch.no_grad():
+        full = vae.decode(z, gene_ids)["logits_nt"]
+        vae.cfg.decode_chunk_size = 3
+        chunked = vae.decode(z, gene_ids)["logits_nt"]
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    vae = ScVAE(tiny_cfg())
+    gene_ids = torch.randint(0, 20, (2, 5))
+    counts = torch.randint(1, 10, (2, 5)).float()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def grads():
+        vae.zero_grad()
+        z = vae.encode(gene_ids, counts, mask)["z_nmz"]
+        vae.decode(z, torch.arange(20).expand(2, 20))["logits_nt"].square().sum().backward()
+        return vae.latent_queries.grad.clone()
+
+    plain = grads()
+    vae.cfg.activation_checkpointing = True
+    torch.testing.assert_close(grads(), plain, atol=1e-6, rtol=1e-5)
+
+
+def test_tiny_vae_fits_toy_cells():
+    torch.manual_seed(0)
+    n_genes = 16
+    vae = ScVAE(tiny_cfg(n_genes=n_genes))
+    # 4 toy cells: two expression programs, each cell's expressed genes as a token set
+    rates = torch.zeros(4, n_genes)
+    rates[:2, :8] = torch.linspace(1, 20, 8)
+    rates[2:, 8:] = torch.linspace(20, 1, 8)
+    counts_ng = torch.poisson(rates, generator=torch.Generator().manual_seed(1))
+    mask_ng = counts_ng > 0
+    gene_ids_ng = torch.arange(n_genes).expand(4, n_genes)
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        z = vae.encode(gene_ids_ng, counts_ng, mask_ng)["z_nmz"]
+        dec = vae.decode(z, gene_ids_ng)
+        mu = vae.nb_mean(dec["logits_nt"], counts_ng.sum(-1))
+        nll = -nb_log_prob(counts_ng, mu, vae.dispersion(gene_ids_ng)).sum(-1).mean()
+        lib = (dec["log_library_n"] - counts_ng.sum(-1).log()).square().mean()
+        loss = nll + lib
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(nll.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 3.0
+    # the decoder learned which program each cell expresses
+    frac_on_program = torch.stack([mu[:2, :8].sum(-1), mu[2:, 8:].sum(-1)]).flatten() / counts_ng.sum(-1)
+    assert (frac_on_program > 0.95).all()
+
+
+def test_flops_per_cell_positive_and_grows_with_width():
+    small = ScVAE(tiny_cfg(d_model=32)).flops_per_cell(100, 1000)
+    wide = ScVAE(tiny_cfg(d_model=64)).flops_per_cell(100, 1000)
+    assert 0 < small < wide
+    assert ScVAE(tiny_cfg()).flops_per_cell(100, 2000) > small

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,10 +31,12 @@ def write_export(
     cfg: DictConfig,
     state_dict: dict[str, torch.Tensor],
     ema_state: dict[str, torch.Tensor] | None = None,
-    files: dict[str, str | os.PathLike] | None = None,
-    json_files: dict[str, Any] | None = None,
+    artifacts: dict[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
-    """Write ``<run_dir>/export`` atomically (a temp folder renamed into place)."""
+    """Write ``<run_dir>/export`` atomically (a temp folder renamed into place).
+
+    ``artifacts`` maps a file name to a function that writes that file at the given path.
+    """
     from safetensors.torch import save_file
 
     out = Path(run_dir) / EXPORT_DIR
@@ -45,10 +47,8 @@ def write_export(
     if ema_state:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    for name, src in (files or {}).items():
-        shutil.copyfile(src, tmp / name)
-    for name, obj in (json_files or {}).items():
-        (tmp / name).write_text(json.dumps(obj, indent=2))
+    for name, write in (artifacts or {}).items():
+        write(tmp / name)
     old = out.with_name(f".{EXPORT_DIR}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
@@ -73,6 +73,10 @@ def load_export(run_dir: str | os.PathLike, ema: bool = False) -> tuple[DictConf
     cfg = OmegaConf.load(path / "config.yaml")
     weights = path / ("ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors")
     return cfg, load_file(str(weights))
+
+
+def json_artifact(obj: Any) -> Callable[[Path], None]:
+    return lambda path: Path(path).write_text(json.dumps(obj, indent=2))
 
 
 def read_export_json(run_dir: str | os.PathLike, name: str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from scldm_scale.flow.loss import flow_matching_loss
 from scldm_scale.nn.dit import DiT, DiTConfig
 from scldm_scale.nn.likelihood import nb_log_prob
 from scldm_scale.nn.vae import ScVAE, VAEConfig
+from scldm_scale.train.export import json_artifact
 
 
 def _typed(section: DictConfig, cls):
@@ -136,14 +137,8 @@ class VAEStage:
             int(batch["mask_ns"].sum()) // n + int(self.cfg.train.n_zero_genes)
         return 3.0 * model.flops_per_cell(int(batch["mask_ns"].sum()) // max(n, 1), n_decode)
 
-    def export_files(self) -> dict[str, str]:
-        from scldm_scale.data.loader import resolve_artifact_paths
-
-        vocab_path, labels_path = resolve_artifact_paths(self.cfg.data)
-        return {"vocab.json": str(vocab_path), "labels.json": str(labels_path)}
-
-    def export_json(self) -> dict[str, Any]:
-        return {}
+    def export_artifacts(self) -> dict[str, Callable[[Path], Any]]:
+        return {"vocab.json": self.vocab.save, "labels.json": self.labels.save}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +204,12 @@ class LDMStage:
     def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         return 3.0 * model.flops_per_cell()
 
-    def export_files(self) -> dict[str, str]:
-        return {"labels.json": str(self.vae_export / "labels.json")}
-
-    def export_json(self) -> dict[str, Any]:
-        return {"latent_stats.json": self.stats, "vae_run.json": {"vae_run": str(Path(self.cfg.ldm.vae_run).resolve())}}
+    def export_artifacts(self) -> dict[str, Callable[[Path], Any]]:
+        return {
+            "labels.json": self.labels.save,
+            "latent_stats.json": json_artifact(self.stats),
+            "vae_run.json": json_artifact({"vae_run": str(Path(self.cfg.ldm.vae_run).resolve())}),
+        }
 
 
 def build_stage(cfg: DictConfig):

@@ -111,7 +111,7 @@ class Trainer:
         if self.rank != 0:
             return None
         return write_export(self.run_dir, self.cfg, state, self.ema.state_dict() if self.ema else None,
-                            files=self.stage.export_files(), json_files=self.stage.export_json())
+                            artifacts=self.stage.export_artifacts())
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         self._preempted = True

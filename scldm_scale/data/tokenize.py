@@ -1,0 +1,131 @@
+"""Raw counts -> token batches: a cell is the set of its expressed, in-vocabulary genes.
+
+One tokenizer serves every source (h5ad shards, SOMA, ``encode``). Batches are padded to
+the longest cell *of the batch* (capped at ``max_genes``), never to a dataset maximum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from scldm_scale.data.validate import check_counts
+from scldm_scale.errors import ScldmError
+
+TOKEN_KEYS = ("gene_ids_ns", "counts_ns", "mask_ns", "library_size_n", "labels_na", "cell_index_n")
+
+
+def tokenize_counts(
+    x_ng: scipy.sparse.csr_matrix,
+    var_to_vocab_g: np.ndarray,
+    labels_na: np.ndarray,
+    max_genes: int,
+    rng: np.random.Generator,
+    cell_index_n: np.ndarray | None = None,
+    where: str = "counts block",
+) -> dict[str, torch.Tensor]:
+    """Turn a CSR block of raw counts into a padded token batch.
+
+    Args:
+        x_ng: raw counts, cells x source genes (CSR; other formats are converted).
+        var_to_vocab_g: vocabulary index of every source gene, -1 for genes outside it (dropped).
+        labels_na: encoded labels (n, a).
+        max_genes: cap on tokens per cell; cells with more expressed genes keep a seeded
+            uniform subsample of ``max_genes`` of them.
+        rng: generator that drives the subsampling (seed it per batch for reproducibility).
+        cell_index_n: global cell ids (defaults to -1).
+        where: names the data in error messages.
+
+    Returns:
+        ``gene_ids_ns`` int64 (padded with 0), ``counts_ns`` float32 (0 at padding), ``mask_ns``
+        bool (True = real token), ``library_size_n`` float32 (in-vocabulary total before
+        subsampling), ``labels_na`` int64, ``cell_index_n`` int64. ``s`` is the longest cell of
+        the batch after capping (at least 1, so an all-empty batch still has a token axis).
+    """
+    if max_genes < 1:
+        raise ScldmError(f"data.max_genes={max_genes}: must be >= 1")
+    if not scipy.sparse.isspmatrix_csr(x_ng) and not isinstance(x_ng, scipy.sparse.csr_array):
+        x_ng = scipy.sparse.csr_matrix(x_ng)
+    n, g = x_ng.shape
+    var_to_vocab_g = np.asarray(var_to_vocab_g, dtype=np.int64)
+    if var_to_vocab_g.shape != (g,):
+        raise ScldmError(f"{where}: gene map has {var_to_vocab_g.shape[0]} entries but X has {g} columns")
+    check_counts(x_ng, where)
+
+    indptr = np.asarray(x_ng.indptr, dtype=np.int64)
+    data = np.asarray(x_ng.data)
+    vocab_idx = var_to_vocab_g[x_ng.indices]
+    row = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    keep = (data > 0) & (vocab_idx >= 0)
+    row, vocab_idx, data = row[keep], vocab_idx[keep], data[keep].astype(np.float32)
+
+    library_size_n = np.bincount(row, weights=data, minlength=n).astype(np.float32)
+    len_n = np.bincount(row, minlength=n)
+
+    over_n = len_n > max_genes
+    if over_n.any():
+        # Seeded uniform subsample of max_genes tokens in each overflowing cell: rank that
+        # cell's tokens by a random key and keep the max_genes smallest. Other cells keep all.
+        cand = np.flatnonzero(over_n[row])
+        key = rng.random(cand.size)
+        order = np.lexsort((key, row[cand]))  # by row, then random key
+        sorted_rows = row[cand][order]
+        first = np.searchsorted(sorted_rows, sorted_rows, side="left")
+        rank = np.arange(sorted_rows.size) - first
+        drop = np.zeros(row.size, dtype=bool)
+        drop[cand[order[rank >= max_genes]]] = True
+        sel = ~drop
+        row, vocab_idx, data = row[sel], vocab_idx[sel], data[sel]
+        len_n = np.minimum(len_n, max_genes)
+
+    s = max(int(len_n.max()) if n else 0, 1)
+    starts = np.concatenate([[0], np.cumsum(len_n)[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    pos = np.arange(row.size) - starts[row]  # tokens keep CSR (gene) order within a cell
+
+    gene_ids_ns = np.zeros((n, s), dtype=np.int64)
+    counts_ns = np.zeros((n, s), dtype=np.float32)
+    mask_ns = np.zeros((n, s), dtype=bool)
+    gene_ids_ns[row, pos] = vocab_idx
+    counts_ns[row, pos] = data
+    mask_ns[row, pos] = True
+
+    labels_na = np.asarray(labels_na, dtype=np.int64)
+    if labels_na.ndim == 1:
+        labels_na = labels_na[:, None]
+    if labels_na.shape[0] != n:
+        raise ScldmError(f"{where}: {labels_na.shape[0]} label rows for {n} cells")
+    if cell_index_n is None:
+        cell_index_n = np.full(n, -1, dtype=np.int64)
+    cell_index_n = np.asarray(cell_index_n, dtype=np.int64).reshape(-1)
+    if cell_index_n.shape[0] != n:
+        raise ScldmError(f"{where}: {cell_index_n.shape[0]} cell ids for {n} cells")
+
+    return {
+        "gene_ids_ns": torch.from_numpy(gene_ids_ns),
+        "counts_ns": torch.from_numpy(counts_ns),
+        "mask_ns": torch.from_numpy(mask_ns),
+        "library_size_n": torch.from_numpy(library_size_n),
+        "labels_na": torch.from_numpy(labels_na.copy()),
+        "cell_index_n": torch.from_numpy(cell_index_n.copy()),
+    }
+
+
+def collate_token_batches(batches: list[dict]) -> dict:
+    """Concatenate token batches along cells, padding ``*_ns`` tensors to the longest ``s``."""
+    if not batches:
+        raise ValueError("collate_token_batches: no batches given")
+    keys = list(batches[0])
+    s = max(b["mask_ns"].shape[1] for b in batches if "mask_ns" in b) if "mask_ns" in batches[0] else 0
+    out: dict = {}
+    for key in keys:
+        parts = [b[key] for b in batches]
+        if key.endswith("_ns"):
+            padded = []
+            for p in parts:
+                if p.shape[1] < s:
+                    p = torch.nn.functional.pad(p, (0, s - p.shape[1]), value=0)
+                padded.append(p)
+            parts = padded
+        out[key] = torch.cat(parts, dim=0)
+    return out

@@ -1,4 +1,4 @@
-"""`scldm-scale` command line: prepare, train, encode, generate, evaluate, demo.
+"""`scldm-scale` command line: prepare, train, encode, generate, evaluate, export, demo.
 
 Training is launched by torchrun / the deepspeed launcher (one process per device) or runs as a
 single process::
@@ -94,6 +94,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from scldm_scale.train.checkpoint import export_run
+
+    print(f"exported to {export_run(args.run)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from scldm_scale.tasks.demo import run_demo
 
@@ -155,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="consolidate a run's latest checkpoint into <run>/export (safetensors)")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="synthetic atlas -> VAE -> latents -> LDM -> generate -> evaluate")
     p.add_argument("--out", default="runs/demo")

@@ -70,18 +70,29 @@ class _Model:
         self.log_lib_median = np.log(max(0.75 * g, 5.0))
         self.log_lib_sigma = 0.55
         self.n_tissues, self.n_donors = n_tissues, n_donors
+        # continuous gene programs (cell cycle, interferon response, stress, ...): each cell has an
+        # activity per program, whose mean depends on its type; the program up-regulates a gene set
+        # together, so genes co-vary within a cell type as in real data
+        n_programs = 4
+        self.program_kg = np.zeros((n_programs, g))
+        for k in range(n_programs):
+            genes = rng.choice(expressed, size=max(2, len(expressed) // 10), replace=False)
+            self.program_kg[k, genes] = rng.uniform(1.0, 2.0, len(genes))
+        self.program_mean_tk = rng.uniform(-1.0, 1.0, (t, n_programs))
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[scipy.sparse.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
         t_n = rng.choice(len(self.type_p), size=n, p=self.type_p)
         tissue_n = rng.integers(0, self.n_tissues, n)
         donor_n = rng.integers(0, self.n_donors, n)
         lib_n = np.exp(rng.normal(self.log_lib_median, self.log_lib_sigma, n))
+        activity_nk = np.maximum(rng.normal(self.program_mean_tk[t_n], 0.8), 0.0)
         g = self.theta_g.shape[0]
         chunk = max(1, _CHUNK_VALUES // g)
         blocks = []
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             logits = self.type_logits_tg[t_n[lo:hi]] + self.tissue_lg[tissue_n[lo:hi]] + self.donor_lg[donor_n[lo:hi]]
+            logits += activity_nk[lo:hi] @ self.program_kg
             logits -= logits.max(axis=1, keepdims=True)
             p = np.exp(logits)
             p /= p.sum(axis=1, keepdims=True)

@@ -58,12 +58,20 @@ def run_demo(out: str, n_cells: int = 6000, n_genes: int = 1000, nproc: int = 2,
         write_synthetic_atlas(data, n_cells=n_cells, n_genes=n_genes, n_shards=4, heldout_fraction=0.2, seed=0)
     common = [f"data.path={data}", f"run.output_dir={out_dir}", *overrides]
 
-    print("[2/6] stage 1: VAE", flush=True)
-    _run(torchrun(nproc, ["train", recipe, "run.name=vae", *common]))
-    print("[3/6] encode the training set", flush=True)
-    _run(torchrun(nproc, ["encode", "--vae-run", str(out_dir / "vae")]))
-    print("[4/6] stage 2: latent diffusion", flush=True)
-    _run(torchrun(nproc, ["train", recipe, ldm_recipe, "run.name=ldm", f"ldm.vae_run={out_dir / 'vae'}", *common]))
+    steps = [
+        ("[2/6] stage 1: VAE", out_dir / "vae" / "export" / "model.safetensors",
+         ["train", recipe, "run.name=vae", *common]),
+        ("[3/6] encode the training set", out_dir / "vae" / "latents" / "manifest.json",
+         ["encode", "--vae-run", str(out_dir / "vae")]),
+        ("[4/6] stage 2: latent diffusion", out_dir / "ldm" / "export" / "model.safetensors",
+         ["train", recipe, ldm_recipe, "run.name=ldm", f"ldm.vae_run={out_dir / 'vae'}", *common]),
+    ]
+    for title, done, args in steps:
+        if done.is_file():  # a re-run of the demo skips finished stages
+            print(f"{title}: done ({done})", flush=True)
+            continue
+        print(title, flush=True)
+        _run(torchrun(nproc, args))
 
     print("[5/6] generate cells matching the held-out label proportions", flush=True)
     heldout = ad.read_h5ad(data / "heldout.h5ad")

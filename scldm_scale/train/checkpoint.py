@@ -104,3 +104,35 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
     return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
+
+
+def fp32_state_dict_from_checkpoint(root: str | os.PathLike, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Consolidate the fp32 weights of a (possibly sharded) checkpoint in one process, without GPUs."""
+    path = Path(root) / tag
+    if int(zero_stage) == 0:
+        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
+
+
+def export_run(run_dir: str | os.PathLike) -> Path:
+    """`scldm-scale export RUN`: the latest checkpoint of a run -> ``<run>/export`` (safetensors + config)."""
+    from scldm_scale.config import load_config
+    from scldm_scale.errors import ScldmError
+    from scldm_scale.train.export import write_export
+    from scldm_scale.train.stages import build_stage
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ScldmError(f"{run_dir}: not a run directory (no config.yaml)")
+    root = run_dir / "checkpoints"
+    tag = latest_tag(root)
+    if tag is None:
+        raise ScldmError(f"{root}: no complete checkpoint (missing 'latest'); train the run first")
+    cfg = load_config([run_dir / "config.yaml"])
+    stage = build_stage(cfg)
+    state = fp32_state_dict_from_checkpoint(root, tag, int(cfg.train.zero_stage))
+    client = torch.load(root / tag / "client_rank0.pt", map_location="cpu", weights_only=True)
+    return write_export(run_dir, cfg, state, client.get("ema"), artifacts=stage.export_artifacts())

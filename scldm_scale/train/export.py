@@ -69,14 +69,22 @@ def load_export(run_dir: str | os.PathLike, ema: bool = False) -> tuple[DictConf
     """(resolved config, weights). ``ema=True`` returns the EMA weights when present."""
     from safetensors.torch import load_file
 
+    from scldm_scale.config import load_config
+
     path = export_path(run_dir)
-    cfg = OmegaConf.load(path / "config.yaml")
+    cfg = load_config([path / "config.yaml"])
     weights = path / ("ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors")
     return cfg, load_file(str(weights))
 
 
 def json_artifact(obj: Any) -> Callable[[Path], None]:
-    return lambda path: Path(path).write_text(json.dumps(obj, indent=2))
+    return lambda path: Path(path).write_text(json.dumps(obj, indent=2, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays / scalars, tensors
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def read_export_json(run_dir: str | os.PathLike, name: str) -> Any:

@@ -25,13 +25,39 @@ def _split_recipes(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    *inputs, out = args.paths
     if args.kind == "synthetic":
         from scldm_scale.data.synthetic import write_synthetic_atlas
 
-        meta = write_synthetic_atlas(args.out, n_cells=args.cells, n_genes=args.genes, n_shards=args.shards,
-                                     n_cell_types=args.cell_types, heldout_fraction=args.heldout_fraction,
-                                     seed=args.seed, progress=not args.quiet)
-        print(f"wrote {meta['n_cells']} cells x {meta['n_genes']} genes in {len(meta['shards'])} shards to {args.out}")
+        if inputs:
+            raise ScldmError(f"prepare synthetic takes one OUT directory, got {len(args.paths)} paths: {args.paths}")
+        meta = write_synthetic_atlas(out, n_cells=args.cells, n_genes=args.genes, n_shards=args.shards,
+                                     n_cell_types=args.cell_types,
+                                     heldout_fraction=0.1 if args.heldout_fraction is None else args.heldout_fraction,
+                                     seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+        print(f"wrote {meta['n_cells']} cells x {meta['n_genes']} genes in {len(meta['shards'])} shards to {out}")
+        return
+    from scldm_scale.data import harmonize
+
+    if not inputs:
+        raise ScldmError(f"prepare {args.kind}: give the input .h5ad files, then OUT (got only {out!r})")
+    if args.kind == "soma" and args.shard_size is not None:
+        raise ScldmError("--shard-size applies to `prepare h5ad`; a SOMA experiment has no shards, drop it")
+    common = dict(labels=args.labels, vocab_path=args.vocab, min_files=args.min_files,
+                  heldout_fraction=args.heldout_fraction or 0.0, seed=args.seed, overwrite=args.overwrite,
+                  require_labels=args.require_labels, progress=not args.quiet)
+    if args.kind == "h5ad":
+        res = harmonize.prepare_h5ad(inputs, out, shard_size=args.shard_size or 10_000, **common)
+    else:
+        res = harmonize.prepare_soma(inputs, out, **common)
+    meta = res.meta
+    if res.up_to_date:
+        print(f"up to date: {res.out} ({meta['n_cells']} cells x {meta['n_genes']} genes; same inputs and options)")
+        return
+    where = f"{len(meta['shards'])} shards" if args.kind == "h5ad" else "a SOMA experiment"
+    held = f" (+ {meta['n_heldout']} held out in {meta['heldout']['file']})" if meta.get("heldout") else ""
+    print(f"wrote {meta['n_cells']} cells x {meta['n_genes']} genes from {len(meta['inputs'])} files in {where} "
+          f"to {res.out}{held}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -113,15 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scldm-scale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="write training data (synthetic atlas)")
-    p.add_argument("kind", choices=["synthetic"])
-    p.add_argument("out")
-    p.add_argument("--cells", type=int, default=10_000)
-    p.add_argument("--genes", type=int, default=2_000)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--cell-types", type=int, default=8)
-    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p = sub.add_parser(
+        "prepare", help="write training data: a synthetic atlas, or h5ad files harmonized into shards / SOMA",
+        description="prepare synthetic OUT | prepare h5ad IN.h5ad... OUT --shard-size S | prepare soma IN.h5ad... OUT",
+    )
+    p.add_argument("kind", choices=["synthetic", "h5ad", "soma"])
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="synthetic: OUT; h5ad/soma: the input .h5ad files (or folders of them), then OUT")
+    p.add_argument("--cells", type=int, default=10_000, help="synthetic: total cells")
+    p.add_argument("--genes", type=int, default=2_000, help="synthetic: genes")
+    p.add_argument("--shards", type=int, default=4, help="synthetic: number of shards")
+    p.add_argument("--cell-types", type=int, default=8, help="synthetic: cell types")
+    p.add_argument("--shard-size", type=int, help="h5ad: cells per output shard (default 10000)")
+    p.add_argument("--labels", nargs="+", default=["cell_type"], metavar="COLUMN",
+                   help="h5ad/soma: obs columns to harmonize into label tables (default: cell_type)")
+    p.add_argument("--vocab", help="h5ad/soma: use this vocab.json instead of the union of the inputs' genes")
+    p.add_argument("--min-files", type=int, default=1,
+                   help="h5ad/soma: keep genes present in at least N inputs (built vocabulary only)")
+    p.add_argument("--require-labels", action="store_true",
+                   help="h5ad/soma: a label column missing from an input is an error (default: 'unknown')")
+    p.add_argument("--heldout-fraction", type=float, default=None,
+                   help="fraction of cells written to heldout.h5ad (default: 0.1 synthetic, 0 h5ad/soma)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 

@@ -18,6 +18,11 @@ class ValueEmbedding(str, Enum):
     MULTIPLY = "multiply"
 
 
+class ValueInput(str, Enum):
+    LOG1P = "log1p"  # log1p(count)
+    LOG1P_CP10K = "log1p_cp10k"  # log1p(count / cell total * 1e4): invariant to sequencing depth
+
+
 @dataclass
 class VAEConfig:
     n_genes: int = 0  # vocabulary size, filled from data (0 = not yet known)
@@ -30,6 +35,7 @@ class VAEConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     value_embedding: ValueEmbedding = ValueEmbedding.CONCAT
+    value_input: ValueInput = ValueInput.LOG1P_CP10K
     variational: bool = False  # diagonal Gaussian posterior (KL weight lives in the training config)
     decode_chunk_size: int = 4096  # genes decoded per chunk (bounds memory)
     activation_checkpointing: bool = False
@@ -120,9 +126,12 @@ class ScVAE(nn.Module):
     # ------------------------------------------------------------------ encoder
 
     def tokenize(self, gene_ids_ns: Tensor, counts_ns: Tensor) -> Tensor:
-        """Gene embedding combined with an embedding of log1p(count)."""
+        """Gene embedding combined with an embedding of log1p(count) (depth-normalized by default)."""
         gene_nsd = self.gene_embedding(gene_ids_ns)  # (n, s, d)
-        value_nsd = self.value_mlp(torch.log1p(counts_ns.to(gene_nsd.dtype)).unsqueeze(-1))  # (n, s, d)
+        counts_ns = counts_ns.to(gene_nsd.dtype)
+        if self.cfg.value_input == ValueInput.LOG1P_CP10K:
+            counts_ns = counts_ns / counts_ns.sum(dim=1, keepdim=True).clamp(min=1.0) * 1e4  # (n, s)
+        value_nsd = self.value_mlp(torch.log1p(counts_ns).unsqueeze(-1))  # (n, s, d)
         if self.token_proj is None:  # MULTIPLY
             return gene_nsd * value_nsd  # (n, s, d)
         return self.token_proj(torch.cat([gene_nsd, value_nsd], dim=-1))  # (n, s, d)

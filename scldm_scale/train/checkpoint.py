@@ -78,20 +78,87 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(root / name, ignore_errors=True)
 
 
-def load_checkpoint(engine, root: str | os.PathLike) -> dict[str, Any] | None:
-    """Collective. Loads the latest complete checkpoint into ``engine``; returns this rank's client state."""
+def saved_world_size(root: str | os.PathLike) -> int | None:
+    """World size of the latest complete checkpoint (None if there is none)."""
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    client = torch.load(Path(root) / tag / "client_rank0.pt", map_location="cpu", weights_only=True)
+    return int(client["world_size"])
+
+
+UNIVERSAL = "universal"
+
+
+def ensure_universal(root: str | os.PathLike) -> None:
+    """Collective. Convert the latest checkpoint to DeepSpeed's universal format (once, by rank 0),
+    so it can be loaded on a different number of ranks."""
+    tag = latest_tag(root)
+    folder = Path(root) / str(tag)
+    target = folder / UNIVERSAL
+    if dist.get_rank() == 0 and not (target / "done").is_file():
+        import subprocess
+        import sys
+
+        shutil.rmtree(target, ignore_errors=True)
+        tmp = folder / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(folder), "--output_folder", str(tmp / UNIVERSAL), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{folder}: conversion to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+        (tmp / UNIVERSAL / "done").write_text("ok")
+        os.replace(tmp / UNIVERSAL, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(engine, root: str | os.PathLike, universal: bool = False) -> dict[str, Any] | None:
+    """Collective. Loads the latest complete checkpoint into ``engine``; returns this rank's client state.
+
+    ``universal``: load the universal conversion (see :func:`ensure_universal`), for a different
+    number of ranks than the checkpoint was written with.
+    """
     root = Path(root)
     tag = latest_tag(root)
     if tag is None:
         return None
-    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_dir, load_tag = (root / tag, UNIVERSAL) if universal else (root, tag)
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
     rank = dist.get_rank()
     path = root / tag / f"client_rank{rank}.pt"
-    if not path.is_file():  # resumed on more ranks than saved: start from rank 0's client state
+    if universal or not path.is_file():  # another world size: rank 0's client state is the common one
         path = root / tag / "client_rank0.pt"
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _safe_globals() -> list:
+    """The few DeepSpeed classes a checkpoint holds besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_safe_loading(engine) -> None:
+    """Make DeepSpeed read checkpoints with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        return
+    allowed = _safe_globals()
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.__class__ = SafeTorchCheckpointEngine
 
 
 def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -110,7 +177,8 @@ def fp32_state_dict_from_checkpoint(root: str | os.PathLike, tag: str, zero_stag
     """Consolidate the fp32 weights of a (possibly sharded) checkpoint in one process, without GPUs."""
     path = Path(root) / tag
     if int(zero_stage) == 0:
-        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_safe_globals()):
+            states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

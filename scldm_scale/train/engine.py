@@ -133,6 +133,9 @@ def build_engine(model: nn.Module, cfg: Any, micro_batch_size: int, run_dir: Pat
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
+    from scldm_scale.train.checkpoint import use_safe_loading
+
+    use_safe_loading(engine)
     return engine
 
 

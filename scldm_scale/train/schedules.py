@@ -12,7 +12,7 @@ from scldm_scale.config import OptimConfig, Schedule
 class LRSchedule:
     """Picklable LR multiplier: linear warmup, then cosine or warmup-stable-decay (WSD)."""
 
-    kind: Schedule
+    kind: str  # a Schedule value (a plain string keeps checkpoints loadable with weights_only=True)
     warmup_steps: int
     total_steps: int
     min_lr_ratio: float = 0.1
@@ -22,7 +22,7 @@ class LRSchedule:
         if self.warmup_steps > 0 and step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
-        if self.kind == Schedule.COSINE:
+        if self.kind == Schedule.COSINE.value:
             progress = min(1.0, (step - self.warmup_steps) / span)
             return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         decay_steps = max(1, int(round(self.decay_fraction * self.total_steps)))
@@ -35,7 +35,7 @@ class LRSchedule:
 
 def build_schedule(cfg: OptimConfig, total_steps: int) -> LRSchedule:
     return LRSchedule(
-        kind=Schedule(cfg.schedule),
+        kind=Schedule(cfg.schedule).value,
         warmup_steps=cfg.warmup_steps,
         total_steps=total_steps,
         min_lr_ratio=cfg.min_lr_ratio,

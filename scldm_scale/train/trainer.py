@@ -19,7 +19,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from scldm_scale.config import run_dir, save_config
-from scldm_scale.train.checkpoint import consolidated_state_dict, load_checkpoint, save_checkpoint
+from scldm_scale.train.checkpoint import (
+    consolidated_state_dict,
+    ensure_universal,
+    load_checkpoint,
+    save_checkpoint,
+    saved_world_size,
+)
 from scldm_scale.train.ema import EMA
 from scldm_scale.train.engine import build_engine, gather_params, init_distributed
 from scldm_scale.train.export import write_export
@@ -42,6 +48,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # torchrun --max-restarts: a restarted worker group continues from the latest checkpoint
+        self.resume = bool(cfg.run.resume) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        self.saved_world = saved_world_size(self.ckpt_root) if self.resume else None
+        self.universal = self.saved_world is not None and self.saved_world != self.world
+        if self.universal:  # resume on another number of ranks through DeepSpeed's universal checkpoint
+            ensure_universal(self.ckpt_root)
+            cfg.train.deepspeed = {**cfg.train.deepspeed, "checkpoint": {"load_universal": True}}
+
         torch.manual_seed(int(cfg.run.seed))  # identical initial weights on every rank
         model = self.stage.build_model()
         self.micro_batch = int(cfg.data.batch_size)
@@ -56,8 +71,7 @@ class Trainer:
 
         self.loader = StatefulLoader(self.stage.build_dataset(), num_workers=int(cfg.data.num_workers))
         self.step = 0
-        self.ckpt_root = self.run_dir / "checkpoints"
-        if cfg.run.resume:
+        if self.resume:
             self._resume()
         self.max_steps = int(cfg.train.max_steps)
         self.logger = build_logger(cfg, self.run_dir, self.rank, self.max_steps, self.step,
@@ -83,14 +97,20 @@ class Trainer:
         return state
 
     def _resume(self) -> None:
-        client = load_checkpoint(self.engine, self.ckpt_root)
+        client = load_checkpoint(self.engine, self.ckpt_root, universal=self.universal)
         if client is None:
             if self.rank == 0:
                 print(f"resume: no checkpoint in {self.ckpt_root}; starting from step 0", flush=True)
             return
         self.step = int(client["step"])
-        self.loader.load_state_dict(client["data"])
-        if int(client.get("world_size", self.world)) == self.world:
+        data_state = dict(client["data"])
+        if self.universal:
+            # every rank reads the global order strided by rank, so k batches on W ranks are exactly the
+            # first k*b*W cells of the epoch: continue after the same number of cells on the new world
+            cells = int(data_state["batches_consumed"]) * self.micro_batch * int(self.saved_world)
+            data_state["batches_consumed"] = cells // (self.micro_batch * self.world)
+        self.loader.load_state_dict(data_state)
+        if not self.universal:  # RNG streams are per rank: only meaningful on the same world size
             torch.set_rng_state(client["rng_torch"])
             self.generator.set_state(client["rng_generator"])
             if "rng_cuda" in client and torch.cuda.is_available():
@@ -169,7 +189,7 @@ class Trainer:
                 self.save()
                 last_saved = self.step
             self._preempted = self._any_rank(self._preempted)
-        if self.step != last_saved or self._preempted:
+        if self.step != last_saved or self._preempted or self.step < self.max_steps:
             self.save()
         if self.step >= self.max_steps:
             self.export()

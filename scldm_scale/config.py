@@ -69,6 +69,8 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # WSD only
+    # LR multipliers for parameters whose name contains the key, e.g. {log_theta_g: 10.0}
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -77,7 +77,7 @@ class _Model:
         self.program_kg = np.zeros((n_programs, g))
         for k in range(n_programs):
             genes = rng.choice(expressed, size=max(2, len(expressed) // 10), replace=False)
-            self.program_kg[k, genes] = rng.uniform(1.0, 2.0, len(genes))
+            self.program_kg[k, genes] = rng.uniform(0.6, 1.4, len(genes))
         self.program_mean_tk = rng.uniform(-1.0, 1.0, (t, n_programs))
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[scipy.sparse.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
@@ -85,7 +85,7 @@ class _Model:
         tissue_n = rng.integers(0, self.n_tissues, n)
         donor_n = rng.integers(0, self.n_donors, n)
         lib_n = np.exp(rng.normal(self.log_lib_median, self.log_lib_sigma, n))
-        activity_nk = np.maximum(rng.normal(self.program_mean_tk[t_n], 0.8), 0.0)
+        activity_nk = np.maximum(rng.normal(self.program_mean_tk[t_n], 0.7), 0.0)
         g = self.theta_g.shape[0]
         chunk = max(1, _CHUNK_VALUES // g)
         blocks = []

@@ -35,7 +35,7 @@ class VAEConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     value_embedding: ValueEmbedding = ValueEmbedding.CONCAT
-    value_input: ValueInput = ValueInput.LOG1P_CP10K
+    value_input: ValueInput = ValueInput.LOG1P
     variational: bool = False  # diagonal Gaussian posterior (KL weight lives in the training config)
     decode_chunk_size: int = 4096  # genes decoded per chunk (bounds memory)
     activation_checkpointing: bool = False

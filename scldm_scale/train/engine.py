@@ -109,11 +109,16 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases, embeddings' per-gene scalars)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, lr: float, lr_scale: dict[str, float]) -> list[dict]:
+    """Weight decay on matrices only; parameters named in ``lr_scale`` get their own LR multiplier."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((float(v) for k, v in lr_scale.items() if k in name), 1.0)
+        groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def build_engine(model: nn.Module, cfg: Any, micro_batch_size: int, run_dir: Path | None = None):
@@ -129,7 +134,8 @@ def build_engine(model: nn.Module, cfg: Any, micro_batch_size: int, run_dir: Pat
     schedule = build_schedule(cfg.optim, int(cfg.train.max_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, float(cfg.optim.weight_decay)),
+        model_parameters=param_groups(model, float(cfg.optim.weight_decay), effective_lr(cfg, micro_batch_size),
+                                      dict(cfg.optim.lr_scale)),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )

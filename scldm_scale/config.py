@@ -171,46 +171,56 @@ def _explain(err: OmegaConfBaseException, where: str) -> ScldmError:
     return ScldmError(f"{where}: {str(err).splitlines()[0]}")
 
 
-def load_config(recipes: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema <- recipe 1 <- recipe 2 ... <- `key=value` overrides (later wins)."""
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
+def _layers(recipes: Sequence[str | os.PathLike], overrides: Sequence[str]) -> list[tuple[str, DictConfig]]:
+    layers = []
     for recipe in recipes:
         path = Path(recipe)
         if not path.is_file():
             raise ScldmError(f"{path}: recipe not found; pass an existing YAML (e.g. recipes/quickstart.yaml)")
         try:
-            layer = OmegaConf.load(path)
+            layers.append((str(path), OmegaConf.load(path)))
         except Exception as err:  # yaml syntax errors
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ScldmError(f"{path}: not a valid YAML recipe ({first}); fix the syntax") from None
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as err:
-            raise _explain(err, str(path)) from None
     for item in overrides:
         if "=" not in item:
             raise ScldmError(f"override '{item}': expected key=value (e.g. train.max_steps=100)")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as err:
-            raise _explain(err, f"override '{item}'") from None
-    _apply_presets(cfg)
+        if item.endswith("="):  # `key=` sets an empty string
+            item += "''"
+        layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+    return layers
+
+
+def _schema() -> DictConfig:
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    for free_form in (cfg.train.deepspeed, cfg.optim.lr_scale):  # user-defined keys allowed here
+        OmegaConf.set_struct(free_form, False)
     return cfg
 
 
-def _apply_presets(cfg: DictConfig) -> None:
-    """A preset fills the fields the recipes did not set explicitly."""
+def _merge(cfg: DictConfig, layers: list[tuple[str, DictConfig]]) -> DictConfig:
+    for where, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, where) from None
+    return cfg
+
+
+def load_config(recipes: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema <- model presets <- recipe 1 <- recipe 2 ... <- `key=value` overrides (later wins)."""
+    layers = _layers(recipes, overrides)
+    merged = _merge(_schema(), layers)
+    cfg = _schema()
     for preset_key, section, presets in (("vae_preset", "vae", VAE_PRESETS), ("dit_preset", "dit", DIT_PRESETS)):
-        name = cfg[preset_key]
+        name = merged[preset_key]
         if not name:
             continue
         if name not in presets:
             raise ScldmError(f"{preset_key}='{name}' is not a known preset; choose one of {sorted(presets)}")
-        defaults = OmegaConf.structured(type(OmegaConf.to_object(cfg[section])))
-        explicit = {k: v for k, v in cfg[section].items() if v != defaults[k]}
-        merged = OmegaConf.merge(cfg[section], presets[name], explicit)
-        cfg[section] = merged
+        cfg[section] = OmegaConf.merge(cfg[section], presets[name])  # presets sit below every recipe
+    return _merge(cfg, layers)
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:

@@ -48,8 +48,19 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
+    backend = "nccl" if cuda else "gloo"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not torch.distributed.is_initialized() and restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # a worker group restarted by torchrun shares the agent's store with the previous attempt:
+        # namespace it per attempt, or the new group reads the dead group's peer addresses
+        store = torch.distributed.PrefixStore(f"attempt_{restart}", torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False))
+        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the existing group
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
@@ -89,7 +100,10 @@ def deepspeed_config(cfg: Any, micro_batch_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    return _deep_merge(ds, dict(train.deepspeed))
+    from omegaconf import OmegaConf
+
+    extra = train.deepspeed if isinstance(train.deepspeed, dict) else OmegaConf.to_container(train.deepspeed)
+    return _deep_merge(ds, dict(extra))
 
 
 def effective_lr(cfg: Any, micro_batch_size: int) -> float:

@@ -40,6 +40,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+        self._preempted = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)  # before the slow start-up, so no SIGTERM is lost
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.stage = build_stage(cfg)  # fills the derived config values
@@ -77,8 +79,6 @@ class Trainer:
         self.logger = build_logger(cfg, self.run_dir, self.rank, self.max_steps, self.step,
                                    OmegaConf.to_container(cfg, resolve=True))
         self.peak_flops = (float(cfg.logging.peak_tflops) or detect_peak_tflops()) * 1e12
-        self._preempted = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -50,7 +50,16 @@ def save_checkpoint(engine, root: str | os.PathLike, step: int, client: dict[str
         for stale in root.glob("*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=partial, client_state={}, save_latest=False)
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    # no tensor/pipeline parallelism: an empty pattern set lets ds_to_universal convert the checkpoint
+    universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    engine.save_checkpoint(str(root), tag=partial, client_state={UNIVERSAL_CHECKPOINT_INFO: universal_info},
+                           save_latest=False)
     client_path = root / partial / f"client_rank{rank}.pt"
     tmp = client_path.with_name(f".{client_path.name}.tmp")
     torch.save(client, tmp)

@@ -72,7 +72,8 @@ def fake_bin(tmp_path: Path, **scripts: str) -> Path:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_bash_syntax(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

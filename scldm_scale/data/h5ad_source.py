@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import scipy.sparse
 from torch.utils.data import IterableDataset
 
 from scldm_scale.data.config import DataConfig
 from scldm_scale.data.labels import LabelTables
-from scldm_scale.data.loader import RankAware, batch_rng, worker_batch_ids, worker_id_and_count
+from scldm_scale.data.loader import ShardedSource, batch_rng
 from scldm_scale.data.tokenize import tokenize_counts
 from scldm_scale.data.validate import check_h5ad_shards, resolve_shards
 from scldm_scale.data.vocab import GeneVocab
@@ -25,6 +28,37 @@ log = logging.getLogger(__name__)
 def _keep(x):
     """AnnDataField converter that returns the value untouched (sparse X, categorical obs)."""
     return x
+
+
+@contextlib.contextmanager
+def _positional_cell_names():
+    """Build cellarium's ``DistributedAnnDataCollection`` without a per-cell index.
+
+    While it is built, cellarium's ``LazyAnnData`` names every cell ``f"cell_{i}"`` for the
+    collection's ``obs_names`` index (anndata's ``AnnCollection`` concatenates them and checks
+    them for uniqueness): a Python string per cell, about 70 bytes per cell in every process and
+    most of the construction time at millions of cells. This source addresses cells by position
+    only, so inside this block the shards report no cell names, and ``H5ADTokenDataset`` sets the
+    collection's index to one ``RangeIndex`` right after (the collection's shape comes from its
+    ``limits``, not from the names). Outside construction ``LazyAnnData.obs_names`` is cellarium's own.
+    """
+    from cellarium.ml.data import distributed_anndata as module
+
+    lazy_cls = getattr(module, "LazyAnnData", None)
+    original = lazy_cls.__dict__.get("obs_names") if lazy_cls is not None else None
+    mode = getattr(module, "_GETATTR_MODE", None)
+    if not isinstance(original, property) or mode is None:  # another cellarium version: build as it does
+        yield
+        return
+
+    def obs_names(self):
+        return pd.RangeIndex(0) if mode.lazy else original.fget(self)
+
+    lazy_cls.obs_names = property(obs_names)
+    try:
+        yield
+    finally:
+        lazy_cls.obs_names = original
 
 
 def _h5ad_n_obs(path: str) -> int:
@@ -67,13 +101,14 @@ def shard_sizes(files: list[str], check: bool = True) -> list[int]:
     return sizes
 
 
-class H5ADTokenDataset(RankAware, IterableDataset):
+class H5ADTokenDataset(ShardedSource, IterableDataset):
     """Iterable of token batches over h5ad shards, sharded by rank and dataloader worker.
 
     cellarium-ml's ``DistributedAnnDataCollection`` (LRU cache of ``cfg.max_cache_size``
-    shards per worker) reads the cells and its ``IterableDistributedAnnDataCollectionDataset``
-    (``same_order``, ``drop_last_indices``, ``drop_incomplete_batch``) defines the epoch order
-    and materializes each batch (X kept sparse). The per-worker batch assignment with resume
+    shards per worker) loads the shards and its ``IterableDistributedAnnDataCollectionDataset``
+    (``same_order``, ``drop_last_indices``, ``drop_incomplete_batch``) defines the epoch order;
+    :meth:`read_rows` takes each batch's rows from the cached shards (X kept sparse; the same
+    values as cellarium's ``AnnDataField`` batch). The per-worker batch assignment with resume
     offset is done here (see :mod:`scldm_scale.data.loader`) so that a resumed epoch continues
     exactly, for any number of workers. Every batch is tokenized with a generator seeded by
     ``(seed, epoch, global batch index)``.
@@ -87,12 +122,7 @@ class H5ADTokenDataset(RankAware, IterableDataset):
             raise ScldmError(f"data.max_cache_size={cfg.max_cache_size}: must be >= 2 (a batch may span two shards)")
         if cfg.batch_size < 1:
             raise ScldmError(f"data.batch_size={cfg.batch_size}: must be >= 1")
-        unknown_cols = [c for c in cfg.label_columns if c not in labels.attributes]
-        if unknown_cols:
-            raise ScldmError(
-                f"data.label_columns: {unknown_cols} have no label table (tables: {labels.attributes}); "
-                "re-run `scldm-scale prepare` with these columns or remove them"
-            )
+        labels.check_columns(cfg.label_columns)
         self.files = resolve_shards(cfg.path)
         if validate:
             check_h5ad_shards(self.files, cfg.label_columns)
@@ -102,12 +132,16 @@ class H5ADTokenDataset(RankAware, IterableDataset):
         self.batch_size = cfg.batch_size
         self.labels = labels
         self.label_columns = list(cfg.label_columns)
-        self.dadc = DistributedAnnDataCollection(
-            self.files,
-            limits=self.limits.tolist(),
-            max_cache_size=cfg.max_cache_size,
-            obs_columns_to_validate=self.label_columns,
-        )
+        with _positional_cell_names():
+            self.dadc = DistributedAnnDataCollection(
+                self.files,
+                limits=self.limits.tolist(),
+                max_cache_size=cfg.max_cache_size,
+                obs_columns_to_validate=self.label_columns,
+            )
+        # cells are addressed by position only: no per-cell index is kept
+        self.dadc.obs_names = pd.RangeIndex(self.n_cells)
+        self.dadc._obs = pd.DataFrame(index=self.dadc.obs_names)
         obs_cols = list(self.dadc.schema.attr_values["obs"].columns)
         self.has_cell_index = "cell_index" in obs_cols
         batch_keys: dict[str, Any] = {"x_ng": AnnDataField(attr="X", convert_fn=_keep)}
@@ -136,9 +170,6 @@ class H5ADTokenDataset(RankAware, IterableDataset):
             )
         if n_out:
             log.info("%d of %d genes of %s are outside the vocabulary and dropped", n_out, len(var_names), cfg.path)
-        self.epoch = 0
-        self._start = 0
-        self._yielded = 0
         self._refresh_rank_world()
 
     @property
@@ -150,22 +181,16 @@ class H5ADTokenDataset(RankAware, IterableDataset):
         _, world = self._refresh_rank_world()
         return (self.n_cells // world) // self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._start = 0
-        self.epoch = int(epoch)
-        self._yielded = 0
-        self.inner.set_epoch(self.epoch)
-        self._refresh_rank_world()
+    def describe(self) -> str:
+        return str(self.cfg.path)
 
-    def state_dict(self) -> dict[str, int]:
-        """Position in this process: exact when iterated directly; with workers use StatefulLoader."""
-        return {"epoch": self.epoch, "batches_consumed": self._start + self._yielded}
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.inner.set_epoch(self.epoch)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        epoch, consumed = self._check_resume(state, self.batches_per_epoch, self.cfg.path)
-        self.epoch, self._start, self._yielded = epoch, consumed, 0
-        self.inner.set_epoch(epoch)
+        super().load_state_dict(state)
+        self.inner.set_epoch(self.epoch)
 
     def rank_indices(self, epoch: int, rank: int, world: int) -> np.ndarray:
         """Global cell rows of one rank for one epoch, in order (cellarium ``same_order``)."""
@@ -173,6 +198,7 @@ class H5ADTokenDataset(RankAware, IterableDataset):
 
         inner = self.inner
         start, end = inner.start_idx, inner.end_idx
+        dtype = np.int32 if end <= np.iinfo(np.int32).max else np.int64  # 4 bytes per cell where they suffice
         if inner.shuffle:
             gen = torch.Generator()
             gen.manual_seed(inner.shuffle_seed + epoch)
@@ -181,45 +207,77 @@ class H5ADTokenDataset(RankAware, IterableDataset):
             parts = []
             for k in torch.randperm(len(bounds), generator=gen).tolist():
                 lo, hi = bounds[k]
-                parts.append(torch.randperm(hi - lo, generator=gen).numpy() + lo)
-            order = np.concatenate(parts).astype(np.int64)
+                parts.append((torch.randperm(hi - lo, generator=gen).numpy() + lo).astype(dtype))
+            order = np.concatenate(parts)
         else:
-            order = np.arange(start, end, dtype=np.int64)
+            order = np.arange(start, end, dtype=dtype)
         per_rank = (end - start) // world
         return order[: per_rank * world][rank::world]
 
+    def read_rows(self, rows: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, list[int]]:
+        """X rows, label codes (n, attributes) and cell ids of the global cell rows ``rows``, in that order,
+        and the shards they come from.
+
+        The shards are the in-memory AnnData objects of cellarium's ``DistributedAnnDataCollection``
+        (its LRU cache of ``max_cache_size`` shards; cached shards are touched first, as cellarium's
+        ``materialize`` does, so loading a shard never evicts one the batch needs). The values are
+        those of cellarium's ``AnnDataField`` batch ``self.inner[rows]``, without building an
+        AnnData view and concatenation per batch.
+        """
+        shard_n = np.searchsorted(self.limits, rows, side="right")
+        shard_ids = np.unique(shard_n).tolist()
+        if len(shard_ids) > self.cfg.max_cache_size:
+            raise ScldmError(
+                f"data.max_cache_size={self.cfg.max_cache_size}: a batch of {len(rows)} cells spans "
+                f"{len(shard_ids)} shards of {self.cfg.path}; raise data.max_cache_size to {len(shard_ids)} "
+                "or use larger shards"
+            )
+        lazy = self.dadc.adatas
+        attrs = self.labels.attributes
+        labels_na = np.empty((len(rows), len(attrs)), dtype=np.int64)
+        cell_index_n = np.array(rows, dtype=np.int64)
+        blocks, positions = [], []
+        for k in sorted(shard_ids, key=lambda k: not lazy[k].cached):
+            pos = np.flatnonzero(shard_n == k)
+            local = rows[pos] - (int(self.limits[k - 1]) if k else 0)
+            adata = lazy[k].adata
+            blocks.append(adata.X[local])
+            positions.append(pos)
+            for a, attr in enumerate(attrs):
+                if attr in self.label_columns:
+                    labels_na[pos, a] = self.labels.encode(attr, adata.obs[attr].values[local])
+                else:
+                    labels_na[pos, a] = self.labels.unknown_code(attr)
+            if self.has_cell_index:
+                cell_index_n[pos] = np.asarray(adata.obs["cell_index"].values[local])
+        if len(blocks) == 1:
+            x = blocks[0]
+        else:  # stacked shard by shard, then back to the order of `rows`
+            x = scipy.sparse.vstack([scipy.sparse.csr_matrix(b) for b in blocks], format="csr")
+            order = np.concatenate(positions)
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            x = x[inverse]
+        return x, labels_na, cell_index_n, shard_ids
+
+    def token_batch(self, idx_n: np.ndarray, epoch: int, j: int, rank: int, world: int) -> dict:
+        """Token batch ``j`` of a rank's epoch order ``idx_n`` (:meth:`rank_indices`)."""
+        b = self.batch_size
+        x, labels_na, cell_index_n, shard_ids = self.read_rows(idx_n[j * b : (j + 1) * b])
+        return tokenize_counts(
+            x,
+            self.var_to_vocab_g,
+            labels_na,
+            self.cfg.max_genes,
+            batch_rng(self.cfg.seed, epoch, j * world + rank),
+            cell_index_n=cell_index_n,
+            where=" + ".join(self.files[k] for k in shard_ids),
+            pad=not self.compact_batches,
+        )
+
     def __iter__(self) -> Iterator[dict]:
         rank, world = self._refresh_rank_world()
-        worker_id, num_workers = worker_id_and_count()
-        epoch, b = self.epoch, self.batch_size
+        epoch = self.epoch
         idx_n = self.rank_indices(epoch, rank, world)
-        n_batches = len(idx_n) // b
-        self._yielded = 0
-        for j in worker_batch_ids(n_batches, self._start, worker_id, num_workers):
-            rows = idx_n[j * b : (j + 1) * b]
-            shard_ids = np.unique(np.searchsorted(self.limits, rows, side="right"))
-            n_shards = len(shard_ids)
-            if n_shards > self.cfg.max_cache_size:
-                raise ScldmError(
-                    f"data.max_cache_size={self.cfg.max_cache_size}: a batch of {b} cells x {world} ranks spans "
-                    f"{n_shards} shards of {self.cfg.path}; raise data.max_cache_size to {n_shards} or use larger shards"
-                )
-            data = self.inner[rows]
-            labels_na = np.empty((len(rows), len(self.labels.attributes)), dtype=np.int64)
-            for a, attr in enumerate(self.labels.attributes):
-                if attr in self.label_columns:
-                    labels_na[:, a] = self.labels.encode(attr, data[f"obs/{attr}"])
-                else:
-                    labels_na[:, a] = self.labels.unknown_code(attr)
-            cell_index_n = np.asarray(data["cell_index_n"]) if self.has_cell_index else rows
-            batch = tokenize_counts(
-                data["x_ng"],
-                self.var_to_vocab_g,
-                labels_na,
-                self.cfg.max_genes,
-                batch_rng(self.cfg.seed, epoch, j * world + rank),
-                cell_index_n=cell_index_n,
-                where=" + ".join(self.files[k] for k in shard_ids),
-            )
-            self._yielded += 1
-            yield batch
+        ids = self.my_batch_ids(len(idx_n) // self.batch_size)
+        yield from self.counted(self.token_batch(idx_n, epoch, j, rank, world) for j in ids)

@@ -54,6 +54,15 @@ class LabelTables:
     def categories(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in self._categories.items()}
 
+    def check_columns(self, columns: Sequence[str]) -> None:
+        """Raise unless every label column a source reads (``data.label_columns``) has a table."""
+        unknown = [c for c in columns if c not in self._index]
+        if unknown:
+            raise ScldmError(
+                f"data.label_columns: {unknown} have no label table (tables: {self.attributes}); "
+                "re-run `scldm-scale prepare` with these columns or remove them"
+            )
+
     def unknown_code(self, attr: str) -> int:
         return int(self._table(attr).get_loc(UNKNOWN))
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from scldm_scale.data.loader import RankAware, worker_batch_ids, worker_id_and_count
+from scldm_scale.data.loader import ShardedSource
 from scldm_scale.data.vocab import read_json, write_json_atomic
 from scldm_scale.errors import ScldmError
 
@@ -213,7 +213,7 @@ def read_latent_stats(path: str | os.PathLike) -> dict:
     return stats
 
 
-class LatentCacheDataset(RankAware, IterableDataset):
+class LatentCacheDataset(ShardedSource, IterableDataset):
     """Streams batches ``{"z_nmz", "labels_na", "cell_index_n"}`` from a finalized latent cache.
 
     Each epoch is a permutation of all cached cells seeded by ``(seed, epoch)``, cut to equal
@@ -235,9 +235,6 @@ class LatentCacheDataset(RankAware, IterableDataset):
                     raise ScldmError(f"{f}: latent cache part is missing; re-run `scldm-scale encode`")
         self.offsets = np.concatenate([[0], np.cumsum([p["n_cells"] for p in self.parts])]).astype(np.int64)
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
-        self.epoch = 0
-        self._start = 0
-        self._yielded = 0
         self._mmaps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._refresh_rank_world()
 
@@ -271,19 +268,8 @@ class LatentCacheDataset(RankAware, IterableDataset):
         _, world = self._refresh_rank_world()
         return (self.n_cells // world) // self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._start = 0
-        self.epoch = int(epoch)
-        self._yielded = 0
-        self._refresh_rank_world()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self._start + self._yielded}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self._start = self._check_resume(state, self.batches_per_epoch, self.path)
-        self._yielded = 0
+    def describe(self) -> str:
+        return self.path
 
     def rank_indices(self, epoch: int, rank: int, world: int) -> np.ndarray:
         n = self.n_cells
@@ -323,11 +309,7 @@ class LatentCacheDataset(RankAware, IterableDataset):
         import torch
 
         rank, world = self._refresh_rank_world()
-        worker_id, num_workers = worker_id_and_count()
         b = self.batch_size
         idx_n = self.rank_indices(self.epoch, rank, world)
-        self._yielded = 0
-        for j in worker_batch_ids(len(idx_n) // b, self._start, worker_id, num_workers):
-            out = self.gather(idx_n[j * b : (j + 1) * b])
-            self._yielded += 1
+        for out in self.counted(self.gather(idx_n[j * b : (j + 1) * b]) for j in self.my_batch_ids(len(idx_n) // b)):
             yield {k: torch.from_numpy(v) for k, v in out.items()}

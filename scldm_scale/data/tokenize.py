@@ -14,6 +14,11 @@ from scldm_scale.data.validate import check_counts
 from scldm_scale.errors import ScldmError
 
 TOKEN_KEYS = ("gene_ids_ns", "counts_ns", "mask_ns", "library_size_n", "labels_na", "cell_index_n")
+# Compact form of a token batch (``tokenize_counts(..., pad=False)``): the tokens of all cells
+# concatenated (``_t``) plus the tokens per cell; :func:`pad_token_batch` turns it into the
+# padded batch. Dataloader workers hand compact batches to the main process (a third of the
+# bytes of the padded arrays at typical sparsity), see StatefulLoader.
+COMPACT_KEYS = ("gene_ids_t", "counts_t", "length_n", "library_size_n", "labels_na", "cell_index_n")
 
 
 def tokenize_counts(
@@ -24,6 +29,7 @@ def tokenize_counts(
     rng: np.random.Generator,
     cell_index_n: np.ndarray | None = None,
     where: str = "counts block",
+    pad: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Turn a CSR block of raw counts into a padded token batch.
 
@@ -36,6 +42,7 @@ def tokenize_counts(
         rng: generator that drives the subsampling (seed it per batch for reproducibility).
         cell_index_n: global cell ids (defaults to -1).
         where: names the data in error messages.
+        pad: False returns the compact form (:data:`COMPACT_KEYS`; :func:`pad_token_batch` pads it).
 
     Returns:
         ``gene_ids_ns`` int64 (padded with 0), ``counts_ns`` float32 (0 at padding), ``mask_ns``
@@ -53,42 +60,40 @@ def tokenize_counts(
         raise ScldmError(f"{where}: gene map has {var_to_vocab_g.shape[0]} entries but X has {g} columns")
     check_counts(x_ng, where)
 
+    # Vectorized over the CSR arrays, no per-row work; tokens keep CSR (gene) order within a cell.
     indptr = np.asarray(x_ng.indptr, dtype=np.int64)
     data = np.asarray(x_ng.data)
     vocab_idx = var_to_vocab_g[x_ng.indices]
-    row = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
     keep = (data > 0) & (vocab_idx >= 0)
-    row, vocab_idx, data = row[keep], vocab_idx[keep], data[keep].astype(np.float32)
-
-    library_size_n = np.bincount(row, weights=data, minlength=n).astype(np.float32)
-    len_n = np.bincount(row, minlength=n)
+    if keep.all():
+        data = data.astype(np.float32)
+        len_n = np.diff(indptr)
+    else:
+        kept_before = np.concatenate([[0], np.cumsum(keep)])
+        len_n = kept_before[indptr[1:]] - kept_before[indptr[:-1]]
+        vocab_idx, data = vocab_idx[keep], data[keep].astype(np.float32)
+    # per-cell sums in float64 (exact: counts are integers, see check_counts) over the non-empty cells
+    library_size_n = np.zeros(n, dtype=np.float32)
+    filled = len_n > 0
+    if filled.any():
+        starts = (np.cumsum(len_n) - len_n)[filled]
+        library_size_n[filled] = np.add.reduceat(data, starts, dtype=np.float64)
 
     over_n = len_n > max_genes
     if over_n.any():
         # Seeded uniform subsample of max_genes tokens in each overflowing cell: rank that
         # cell's tokens by a random key and keep the max_genes smallest. Other cells keep all.
+        row = np.repeat(np.arange(n, dtype=np.int64), len_n)
         cand = np.flatnonzero(over_n[row])
         key = rng.random(cand.size)
         order = np.lexsort((key, row[cand]))  # by row, then random key
         sorted_rows = row[cand][order]
         first = np.searchsorted(sorted_rows, sorted_rows, side="left")
         rank = np.arange(sorted_rows.size) - first
-        drop = np.zeros(row.size, dtype=bool)
-        drop[cand[order[rank >= max_genes]]] = True
-        sel = ~drop
-        row, vocab_idx, data = row[sel], vocab_idx[sel], data[sel]
+        sel = np.ones(row.size, dtype=bool)
+        sel[cand[order[rank >= max_genes]]] = False
+        vocab_idx, data = vocab_idx[sel], data[sel]
         len_n = np.minimum(len_n, max_genes)
-
-    s = max(int(len_n.max()) if n else 0, 1)
-    starts = np.concatenate([[0], np.cumsum(len_n)[:-1]]) if n else np.zeros(0, dtype=np.int64)
-    pos = np.arange(row.size) - starts[row]  # tokens keep CSR (gene) order within a cell
-
-    gene_ids_ns = np.zeros((n, s), dtype=np.int64)
-    counts_ns = np.zeros((n, s), dtype=np.float32)
-    mask_ns = np.zeros((n, s), dtype=bool)
-    gene_ids_ns[row, pos] = vocab_idx
-    counts_ns[row, pos] = data
-    mask_ns[row, pos] = True
 
     labels_na = np.asarray(labels_na, dtype=np.int64)
     if labels_na.ndim == 1:
@@ -101,13 +106,35 @@ def tokenize_counts(
     if cell_index_n.shape[0] != n:
         raise ScldmError(f"{where}: {cell_index_n.shape[0]} cell ids for {n} cells")
 
+    compact = {
+        "gene_ids_t": torch.from_numpy(np.ascontiguousarray(vocab_idx, dtype=np.int64)),
+        "counts_t": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+        "length_n": torch.from_numpy(np.asarray(len_n, dtype=np.int64)),
+        "library_size_n": torch.from_numpy(library_size_n),
+        "labels_na": torch.from_numpy(labels_na.copy()),
+        "cell_index_n": torch.from_numpy(cell_index_n.copy()),
+    }
+    return pad_token_batch(compact) if pad else compact
+
+
+def pad_token_batch(compact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The padded token batch (:data:`TOKEN_KEYS`) of a compact one (:data:`COMPACT_KEYS`); tokens
+    fill each row in order (a boolean mask assignment writes them row-major)."""
+    len_n = compact["length_n"].numpy()
+    n = len(len_n)
+    s = max(int(len_n.max()) if n else 0, 1)
+    mask_ns = np.arange(s)[None, :] < len_n[:, None]
+    gene_ids_ns = np.zeros((n, s), dtype=np.int64)
+    counts_ns = np.zeros((n, s), dtype=np.float32)
+    gene_ids_ns[mask_ns] = compact["gene_ids_t"].numpy()
+    counts_ns[mask_ns] = compact["counts_t"].numpy()
     return {
         "gene_ids_ns": torch.from_numpy(gene_ids_ns),
         "counts_ns": torch.from_numpy(counts_ns),
         "mask_ns": torch.from_numpy(mask_ns),
-        "library_size_n": torch.from_numpy(library_size_n),
-        "labels_na": torch.from_numpy(labels_na.copy()),
-        "cell_index_n": torch.from_numpy(cell_index_n.copy()),
+        "library_size_n": compact["library_size_n"],
+        "labels_na": compact["labels_na"],
+        "cell_index_n": compact["cell_index_n"],
     }
 
 

@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 
+from _batches import check_tokens, take
 from _spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -46,35 +47,6 @@ def _loader(cfg, num_workers):
     return StatefulLoader(build_dataset(cfg, vocab, labels), num_workers=num_workers)
 
 
-def _fingerprint(batch) -> np.ndarray:
-    """One number per cell summarizing its tokens (or latents)."""
-    if "z_nmz" in batch:
-        return batch["z_nmz"].double().sum(dim=(1, 2)).numpy()
-    m = batch["mask_ns"]
-    return ((batch["gene_ids_ns"] * 1000 + batch["counts_ns"].long()) * m).sum(1).double().numpy()
-
-
-def _take(it, n):
-    batches = [next(it) for _ in range(n)]
-    cells = np.concatenate([b["cell_index_n"].numpy() for b in batches])
-    prints = np.concatenate([_fingerprint(b) for b in batches])
-    return batches, cells, prints
-
-
-def _check_h5ad_tokens(atlas, batch):
-    """Tokens of a loader batch are exactly the expressed genes of those cells in the shards."""
-    import anndata
-
-    x = anndata.concat([anndata.read_h5ad(os.path.join(atlas, f"shard_{i:04d}.h5ad")) for i in range(3)]).X.tocsr()
-    for i, cell in enumerate(batch["cell_index_n"].tolist()):
-        row = x[cell]
-        m = batch["mask_ns"][i]
-        got = dict(zip(batch["gene_ids_ns"][i][m].tolist(), batch["counts_ns"][i][m].tolist()))
-        want = dict(zip(row.indices.tolist(), row.data.astype(float).tolist()))  # vocab order == var order
-        assert len(got) == min(len(want), 24) and all(want[g] == v for g, v in got.items())
-        assert batch["library_size_n"][i].item() == pytest.approx(row.data.sum())
-
-
 def _stage_a(rank, world, atlas, cache, out):
     """Two full epochs and a partial one (2 workers) for both sources; cellarium order check."""
     import torch.distributed as dist
@@ -85,13 +57,13 @@ def _stage_a(rank, world, atlas, cache, out):
         loader = _loader(cfg, num_workers=2)
         assert loader.batches_per_epoch == N_BATCHES
         it = iter(loader)
-        batches, res[f"{name}_ep0"], res[f"{name}_ep0_fp"] = _take(it, N_BATCHES)
+        batches, res[f"{name}_ep0"], res[f"{name}_ep0_fp"] = take(it, N_BATCHES)
         assert loader.state_dict() == {"epoch": 0, "batches_consumed": N_BATCHES}
-        _, res[f"{name}_ep1"], _ = _take(it, N_BATCHES)
+        _, res[f"{name}_ep1"], _ = take(it, N_BATCHES)
         assert loader.state_dict() == {"epoch": 1, "batches_consumed": N_BATCHES}
         del it
         if name == "h5ad":
-            _check_h5ad_tokens(atlas, batches[0])
+            check_tokens(atlas, batches[0])
             assert batches[0]["labels_na"].shape == (BATCH, 3)
             # our batch order is cellarium's `same_order` iteration for this rank
             from cellarium.ml.data import IterableDistributedAnnDataCollectionDataset
@@ -115,7 +87,7 @@ def _stage_a(rank, world, atlas, cache, out):
             assert all((b["z_nmz"][:, 0, 0] == b["cell_index_n"].float()).all() for b in batches)
         partial = _loader(cfg, num_workers=2)
         it = iter(partial)
-        _, res[f"{name}_part"], res[f"{name}_part_fp"] = _take(it, K_STOP)
+        _, res[f"{name}_part"], res[f"{name}_part_fp"] = take(it, K_STOP)
         del it
         with open(os.path.join(out, f"{name}_state_rank{rank}.json"), "w") as f:
             json.dump(partial.state_dict(), f)
@@ -131,9 +103,9 @@ def _stage_b(rank, world, atlas, cache, out):
         loader = _loader(cfg, num_workers=workers)
         loader.load_state_dict(state)
         it = iter(loader)
-        _, res[f"{name}_rest"], res[f"{name}_rest_fp"] = _take(it, N_BATCHES - K_STOP)
+        _, res[f"{name}_rest"], res[f"{name}_rest_fp"] = take(it, N_BATCHES - K_STOP)
         assert loader.state_dict() == {"epoch": 0, "batches_consumed": N_BATCHES}
-        _, res[f"{name}_next"], _ = _take(it, 1)  # the next batch opens epoch 1
+        _, res[f"{name}_next"], _ = take(it, 1)  # the next batch opens epoch 1
         assert loader.state_dict() == {"epoch": 1, "batches_consumed": 1}
         del it
     np.savez(os.path.join(out, f"stage_b_rank{rank}.npz"), **res)

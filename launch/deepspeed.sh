@@ -4,6 +4,9 @@
 # when there is no hostfile. Run it once, on node 0. See `launch/deepspeed.sh --help`.
 set -euo pipefail
 
+# shellcheck source=common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
+
 PROG=deepspeed.sh
 
 usage() {
@@ -37,46 +40,14 @@ Example: HOSTFILE=hostfile launch/deepspeed.sh recipes/quickstart.yaml train.max
 EOF
 }
 
-die() { # one line on stderr, exit status 2
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-quote() { # print the arguments as one shell-quoted line (the same quoting as Python's shlex.join)
-  local LC_ALL=C word out="" safe='^[A-Za-z0-9_@%+=:,./-]+$' sq="'" esc="'\"'\"'"
-  for word in "$@"; do
-    if [[ -z $word ]]; then
-      word="''"
-    elif ! [[ $word =~ $safe ]]; then
-      word="'${word//"$sq"/"$esc"}'"
-    fi
-    out+="${out:+ }$word"
-  done
-  printf '%s\n' "$out"
-}
-
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
-
-detect_gpus() { # GPUs on this node: nvidia-smi, else 1
-  local n
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    n=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
-    if [[ $n =~ ^[0-9]+$ ]] && ((n > 0)); then
-      echo "$n"
-      return
-    fi
-  fi
-  echo 1
-}
-
 HOSTFILE=${HOSTFILE:-}
 NNODES=${NNODES:-}
 NUM_GPUS=${NUM_GPUS:-${NPROC_PER_NODE:-}}
 MASTER_ADDR=${MASTER_ADDR:-}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-}
-DRY_RUN=0
 
+VALUE_OPTIONS=(--hostfile --num-nodes --nnodes --num-gpus --nproc-per-node --master-addr --master-port --python)
 set_option() { # set_option --name value
   case $1 in
     --hostfile) HOSTFILE=$2 ;;
@@ -88,35 +59,7 @@ set_option() { # set_option --name value
   esac
 }
 
-train_args=()
-while (($# > 0)); do
-  case $1 in
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --dry-run) DRY_RUN=1 ;;
-    --hostfile | --num-nodes | --nnodes | --num-gpus | --nproc-per-node | --master-addr | --master-port | --python)
-      (($# >= 2)) || die "option $1 needs a value (see --help)"
-      set_option "$1" "$2"
-      shift
-      ;;
-    --hostfile=* | --num-nodes=* | --nnodes=* | --num-gpus=* | --nproc-per-node=* | --master-addr=* | --master-port=* | --python=*)
-      set_option "${1%%=*}" "${1#*=}"
-      ;;
-    --)
-      shift
-      train_args=("$@")
-      break
-      ;;
-    -*) die "unknown option $1; trainer arguments (recipes, key=value) go after the options or after --" ;;
-    *)
-      train_args=("$@")
-      break
-      ;;
-  esac
-  shift
-done
+parse_options "$@"
 
 if [[ -n $NUM_GPUS ]] && ! { is_uint "$NUM_GPUS" && ((10#$NUM_GPUS >= 1)); }; then
   die "NUM_GPUS='$NUM_GPUS' is not a positive integer; set NUM_GPUS=<GPUs per node> or pass --num-gpus N"
@@ -124,9 +67,7 @@ fi
 if [[ -n $NNODES ]] && ! { is_uint "$NNODES" && ((10#$NNODES >= 1)); }; then
   die "NNODES='$NNODES' is not a positive integer; set NNODES=<number of nodes> or pass --num-nodes N"
 fi
-if ! { is_uint "$MASTER_PORT" && ((10#$MASTER_PORT >= 1 && 10#$MASTER_PORT <= 65535)); }; then
-  die "MASTER_PORT='$MASTER_PORT' is not a port number; set MASTER_PORT=29500 or pass --master-port PORT"
-fi
+check_master_port
 ((${#train_args[@]} > 0)) || die "no recipe given; usage: launch/deepspeed.sh [options] [--] RECIPE.yaml [key=value ...]"
 
 if [[ -n $PYTHON ]]; then
@@ -187,10 +128,4 @@ else
 fi
 cmd+=(--no_local_rank --module scldm_scale.cli train "${train_args[@]}")
 
-if ((DRY_RUN)); then
-  quote "${cmd[@]}"
-  exit 0
-fi
-
-command -v "${cmd[0]}" >/dev/null 2>&1 || die "'${cmd[0]}' not found; activate the environment with deepspeed (source .venv/bin/activate) or set PYTHON=/path/to/python"
-exec "${cmd[@]}"
+exec_or_print deepspeed "${cmd[@]}"

@@ -4,6 +4,9 @@
 # MASTER_ADDR:MASTER_PORT. Run this script once per node. See `launch/torchrun.sh --help`.
 set -euo pipefail
 
+# shellcheck source=common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
+
 PROG=torchrun.sh
 
 usage() {
@@ -38,43 +41,6 @@ Example: NPROC_PER_NODE=8 launch/torchrun.sh recipes/quickstart.yaml train.max_s
 EOF
 }
 
-die() { # one line on stderr, exit status 2
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-quote() { # print the arguments as one shell-quoted line (the same quoting as Python's shlex.join)
-  local LC_ALL=C word out="" safe='^[A-Za-z0-9_@%+=:,./-]+$' sq="'" esc="'\"'\"'"
-  for word in "$@"; do
-    if [[ -z $word ]]; then
-      word="''"
-    elif ! [[ $word =~ $safe ]]; then
-      word="'${word//"$sq"/"$esc"}'"
-    fi
-    out+="${out:+ }$word"
-  done
-  printf '%s\n' "$out"
-}
-
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
-
-detect_gpus() { # GPUs this process may use: CUDA_VISIBLE_DEVICES, else nvidia-smi, else 1
-  local n ids
-  if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != -1 ]]; then
-    IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
-    echo "${#ids[@]}"
-    return
-  fi
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    n=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
-    if [[ $n =~ ^[0-9]+$ ]] && ((n > 0)); then
-      echo "$n"
-      return
-    fi
-  fi
-  echo 1
-}
-
 NNODES=${NNODES:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
@@ -83,8 +49,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-scldm-scale}}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-}
-DRY_RUN=0
 
+VALUE_OPTIONS=(--nnodes --nproc-per-node --node-rank --master-addr --master-port --rdzv-id --max-restarts --python)
 set_option() { # set_option --name value
   case $1 in
     --nnodes) NNODES=$2 ;;
@@ -98,35 +64,7 @@ set_option() { # set_option --name value
   esac
 }
 
-train_args=()
-while (($# > 0)); do
-  case $1 in
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --dry-run) DRY_RUN=1 ;;
-    --nnodes | --nproc-per-node | --node-rank | --master-addr | --master-port | --rdzv-id | --max-restarts | --python)
-      (($# >= 2)) || die "option $1 needs a value (see --help)"
-      set_option "$1" "$2"
-      shift
-      ;;
-    --nnodes=* | --nproc-per-node=* | --node-rank=* | --master-addr=* | --master-port=* | --rdzv-id=* | --max-restarts=* | --python=*)
-      set_option "${1%%=*}" "${1#*=}"
-      ;;
-    --)
-      shift
-      train_args=("$@")
-      break
-      ;;
-    -*) die "unknown option $1; trainer arguments (recipes, key=value) go after the options or after --" ;;
-    *)
-      train_args=("$@")
-      break
-      ;;
-  esac
-  shift
-done
+parse_options "$@"
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(detect_gpus)}
 
@@ -139,9 +77,7 @@ fi
 if ! is_uint "$MAX_RESTARTS"; then
   die "MAX_RESTARTS='$MAX_RESTARTS' is not a non-negative integer; set MAX_RESTARTS=0 or pass --max-restarts N"
 fi
-if ! { is_uint "$MASTER_PORT" && ((10#$MASTER_PORT >= 1 && 10#$MASTER_PORT <= 65535)); }; then
-  die "MASTER_PORT='$MASTER_PORT' is not a port number; set MASTER_PORT=29500 or pass --master-port PORT"
-fi
+check_master_port
 ((${#train_args[@]} > 0)) || die "no recipe given; usage: launch/torchrun.sh [options] [--] RECIPE.yaml [key=value ...]"
 
 if [[ -n $PYTHON ]]; then
@@ -168,12 +104,6 @@ else
 fi
 cmd+=(-m scldm_scale.cli train "${train_args[@]}")
 
-if ((DRY_RUN)); then
-  quote "${cmd[@]}"
-  exit 0
-fi
-
-command -v "${cmd[0]}" >/dev/null 2>&1 || die "'${cmd[0]}' not found; activate the environment with torch (source .venv/bin/activate) or set PYTHON=/path/to/python"
 # torchrun forwards SIGTERM to the workers, which checkpoint and exit 0; give them time to do so.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
-exec "${cmd[@]}"
+exec_or_print torch "${cmd[@]}"

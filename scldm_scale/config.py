@@ -87,6 +87,10 @@ class TrainConfig:
     ckpt_every: int = 500  # 0: only at the end
     keep_last: int = 2
     ema_decay: float = 0.999  # 0 disables EMA
+    # LDM stage: every sample_every steps rank 0 generates sample_cells cells with the EMA weights and
+    # logs sample/mmd and sample/w2 to held-out cells (ldm.sample_reference); 0 = off
+    sample_every: int = 0
+    sample_cells: int = 256
     # VAE stage
     kl_weight: float = 0.0
     decode_genes: DecodeGenes = DecodeGenes.ALL
@@ -110,6 +114,8 @@ class FlowConfig:
 class LDMConfig:
     vae_run: str = ""  # run directory of the trained VAE (its export/ is loaded)
     latents: str = ""  # latent cache written by `scldm-scale encode` (default <vae_run>/latents)
+    # held-out cells (.h5ad, raw counts) for train.sample_every (default <VAE data.path>/heldout.h5ad)
+    sample_reference: str = ""
 
 
 @dataclass
@@ -247,10 +253,13 @@ def run_dir(cfg: DictConfig | Config) -> Path:
 
 
 def derive(cfg: DictConfig, *, n_genes: int | None = None, label_cardinalities: Sequence[int] | None = None,
-           vae: VAEConfig | None = None) -> DictConfig:
-    """Fill data-dependent fields: vocabulary size, label cardinalities, latent shape, per-attribute lists."""
+           vae: VAEConfig | None = None, log_library: tuple[float, float] | None = None) -> DictConfig:
+    """Fill data-dependent fields: vocabulary size, label cardinalities, log library size mean and
+    std, latent shape, per-attribute lists."""
     if n_genes is not None:
         cfg.vae.n_genes = int(n_genes)
+    if log_library is not None:
+        cfg.vae.log_library_loc, cfg.vae.log_library_scale = float(log_library[0]), float(log_library[1])
     if label_cardinalities is not None:
         cfg.dit.label_cardinalities = [int(c) for c in label_cardinalities]
         n_attr = len(label_cardinalities)

@@ -102,12 +102,11 @@ def generate(
     progress: bool = True,
 ) -> Path:
     import anndata as ad
-    import scipy.sparse as sp
 
     from scldm_scale.data.labels import LabelTables
     from scldm_scale.data.vocab import GeneVocab
-    from scldm_scale.flow.guidance import GuidanceMode, guided_velocity
-    from scldm_scale.flow.samplers import SamplerKind, integrate
+    from scldm_scale.flow.guidance import GuidanceMode
+    from scldm_scale.flow.samplers import SamplerKind
     from scldm_scale.nn.dit import DiT, DiTConfig
     from scldm_scale.train.export import export_path, load_export, read_export_json
 
@@ -135,53 +134,93 @@ def generate(
     kind = SamplerKind(sampler or cfg.flow.sampler)
     mode = GuidanceMode(cfg.flow.guidance_mode)
 
-    # condition codes per requested cell; attributes not given are left unconditioned (null token)
-    rows_codes, rows_obs = [], []
-    for values, n in conditions:
-        extra = set(values) - set(attributes)
-        if extra:
-            raise ScldmError(f"condition {values}: unknown attribute(s) {sorted(extra)}; the model knows {attributes}")
-        codes = [labels.code_of(a, values[a]) if a in values else null_codes[i] for i, a in enumerate(attributes)]
-        rows_codes.extend([codes] * n)
-        rows_obs.extend([{a: values.get(a, "") for a in attributes}] * n)
-    n_total = len(rows_codes)
+    labels_na, rows_obs = condition_codes(conditions, labels)
+    n_total = labels_na.shape[0]
     if n_total == 0:
         raise ScldmError("no cells requested; give --condition ...:N, --conditions FILE or --match REF.h5ad")
-    labels_na = torch.tensor(rows_codes, dtype=torch.long).reshape(n_total, len(attributes))
 
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    blocks, latents = [], []
-    genes_g = torch.arange(len(gene_ids))
     bar = _progress(progress, n_total, "generate")
-    with torch.no_grad():
-        for lo in range(0, n_total, batch_size):
-            lab = labels_na[lo:lo + batch_size]
-            n = lab.shape[0]
-            x0_nmz = torch.randn(n, m, z, generator=generator)
-            velocity = guided_velocity(dit, lab, null_codes, weights_a, mode)
-            x1_nmz = integrate(velocity, x0_nmz, steps, kind)  # standardized latents
-            z_nmz = x1_nmz * std_mz + mean_mz
-            dec = vae.decode(z_nmz, genes_g.expand(n, -1))
-            mu_ng = torch.softmax(dec["logits_nt"].float(), -1) * dec["log_library_n"].float().exp()[:, None]
-            theta_ng = vae.dispersion(genes_g.expand(n, -1)).float()
-            blocks.append(sp.csr_matrix(_sample_nb(mu_ng.numpy(), theta_ng.numpy(), rng)))
-            latents.append(z_nmz.reshape(n, -1).numpy())
-            bar.advance(n)
+    counts_ng, latents_nk = sample_counts(dit, vae, labels_na, null_codes, weights_a, mode, steps, kind,
+                                          mean_mz, std_mz, seed=seed, batch_size=batch_size, on_batch=bar.advance)
     bar.close()
 
     obs = pd.DataFrame(rows_obs, index=[f"gen_{i}" for i in range(n_total)])
     for a in attributes:
         obs[a] = pd.Categorical(obs[a])
-    adata = ad.AnnData(X=sp.vstack(blocks).tocsr().astype(np.int32), obs=obs, var=pd.DataFrame(index=gene_ids))
-    adata.obsm["X_latent"] = np.concatenate(latents).astype(np.float32)
+    adata = ad.AnnData(X=counts_ng, obs=obs, var=pd.DataFrame(index=gene_ids))
+    adata.obsm["X_latent"] = latents_nk
     adata.uns["provenance"] = {
         "ldm_run": str(Path(ldm_run).resolve()), "vae_run": str(vae_run), "seed": seed, "num_steps": steps,
         "sampler": kind.value, "guidance_mode": mode.value, "guidance": dict(zip(attributes, weights_a)),
         "ema": bool(use_ema), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return write_h5ad_atomic(adata, out_path)
+
+
+def condition_codes(conditions: list[tuple[dict[str, str], int]], labels, strict: bool = True
+                    ) -> tuple[torch.Tensor, list[dict[str, str]]]:
+    """Label codes ``labels_na`` (one row per requested cell) and the matching obs rows.
+
+    Attributes a condition does not name are left unconditioned (null code). ``strict``: a value
+    missing from the label tables is an error; otherwise it maps to the attribute's unknown code.
+    """
+    attributes = list(labels.attributes)
+    null_codes = list(labels.cardinalities)
+    rows_codes, rows_obs = [], []
+    for values, n in conditions:
+        extra = set(values) - set(attributes)
+        if extra:
+            raise ScldmError(f"condition {values}: unknown attribute(s) {sorted(extra)}; the model knows {attributes}")
+        codes = [(labels.code_of(a, values[a]) if strict else int(labels.encode(a, [values[a]])[0]))
+                 if a in values else null_codes[i] for i, a in enumerate(attributes)]
+        rows_codes.extend([codes] * n)
+        rows_obs.extend([{a: values.get(a, "") for a in attributes}] * n)
+    labels_na = torch.tensor(rows_codes, dtype=torch.long).reshape(len(rows_codes), len(attributes))
+    return labels_na, rows_obs
+
+
+@torch.no_grad()
+def sample_counts(dit, vae, labels_na: torch.Tensor, null_codes: Sequence[int], weights_a: Sequence[float],
+                  mode, num_steps: int, sampler, mean_mz: torch.Tensor, std_mz: torch.Tensor, seed: int = 0,
+                  batch_size: int = 512, on_batch=None):
+    """Cells for the label codes ``labels_na``: (integer counts, CSR cells x vocabulary genes; latents, n x m*z).
+
+    The one path from the DiT to counts: noise (a CPU generator seeded with ``seed``, so the draws do
+    not depend on the device) -> guided velocity integrated from t=0 to t=1 -> de-standardized
+    latents -> VAE decoder over all genes -> NB draws (``numpy.random.default_rng(seed)``). Both
+    models must be in eval mode and on one device; the global RNG is not touched. ``on_batch(n)``
+    is called after every batch of ``n`` cells.
+    """
+    import scipy.sparse as sp
+
+    from scldm_scale.flow.guidance import guided_velocity
+    from scldm_scale.flow.samplers import integrate
+
+    device = next(dit.parameters()).device
+    m, z = mean_mz.shape
+    mean_mz, std_mz = mean_mz.to(device), std_mz.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    genes_g = torch.arange(int(vae.cfg.n_genes), device=device)
+    blocks, latents = [], []
+    for lo in range(0, labels_na.shape[0], batch_size):
+        lab_na = labels_na[lo:lo + batch_size].to(device)
+        n = lab_na.shape[0]
+        x0_nmz = torch.randn(n, m, z, generator=generator).to(device)
+        velocity = guided_velocity(dit, lab_na, null_codes, weights_a, mode)
+        x1_nmz = integrate(velocity, x0_nmz, num_steps, sampler)  # standardized latents
+        z_nmz = x1_nmz * std_mz + mean_mz
+        dec = vae.decode(z_nmz, genes_g.expand(n, -1))
+        mu_ng = torch.softmax(dec["logits_nt"].float(), -1) * dec["log_library_n"].float().exp()[:, None]
+        theta_ng = vae.dispersion(genes_g.expand(n, -1)).float()
+        blocks.append(sp.csr_matrix(_sample_nb(mu_ng.cpu().numpy(), theta_ng.cpu().numpy(), rng)))
+        latents.append(z_nmz.reshape(n, -1).cpu().numpy())
+        if on_batch is not None:
+            on_batch(n)
+    counts_ng = sp.vstack(blocks).tocsr().astype(np.int32) if blocks else sp.csr_matrix((0, len(genes_g)), dtype=np.int32)
+    latents_nk = np.concatenate(latents).astype(np.float32) if latents else np.zeros((0, m * z), np.float32)
+    return counts_ng, latents_nk
 
 
 def _sample_nb(mu_ng: np.ndarray, theta_ng: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -28,6 +28,7 @@ from scldm_scale.nn.dit import DiT, DiTConfig
 from scldm_scale.nn.likelihood import nb_log_prob
 from scldm_scale.nn.vae import ScVAE, VAEConfig
 from scldm_scale.train.export import json_artifact
+from scldm_scale.train.sample_quality import SampleQuality, resolve_sample_reference
 
 
 def _typed(section: DictConfig, cls):
@@ -73,8 +74,10 @@ def decode_targets(batch: dict[str, torch.Tensor], n_genes: int, mode: DecodeGen
 
 
 def vae_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], library_n: torch.Tensor,
-             n_genes: int, kl_weight: float, library_loss_weight: float) -> dict[str, torch.Tensor]:
-    """NB NLL of the observed counts (mean = softmax over decoded genes x library size)."""
+             n_genes: int, kl_weight: float, library_loss_weight: float,
+             library_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """NB NLL of the observed counts (mean = softmax over decoded genes x library size), plus the
+    squared error of the predicted log library size in units of its spread in the data."""
     logits_nt = out["logits_nt"].float()
     mask_nt, weight_nt = targets["mask_nt"], targets["weight_nt"]
     log_w_nt = torch.where(mask_nt, weight_nt.clamp(min=1e-12).log(), torch.full_like(weight_nt, -math.inf))
@@ -83,7 +86,7 @@ def vae_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], lib
     ll_nt = nb_log_prob(targets["target_nt"], mu_nt, out["theta_nt"].float())
     nll_n = -(ll_nt * weight_nt * mask_nt).sum(1)
     recon = nll_n.mean() / n_genes
-    library = F.mse_loss(out["log_library_n"].float(), torch.log(library_n.clamp(min=1.0)))
+    library = F.mse_loss(out["log_library_n"].float(), torch.log(library_n.clamp(min=1.0))) / library_scale**2
     terms = {"nll_per_cell": nll_n.mean().detach(), "recon": recon, "library_mse": library}
     loss = recon + library_loss_weight * library
     if out.get("logvar_nmz") is not None:
@@ -99,15 +102,17 @@ class VAEStage:
     name = Stage.VAE
 
     def __init__(self, cfg: DictConfig) -> None:
-        from scldm_scale.data.loader import load_vocab_and_labels
-        from scldm_scale.data.validate import check_h5ad_shards, resolve_shards
+        from scldm_scale.data.loader import check_count_sources, library_size_stats, load_vocab_and_labels
 
         if SourceKind(cfg.data.source) == SourceKind.LATENTS:
-            raise ScldmError("run.stage=vae needs count data; set data.source=h5ad (latents are for run.stage=ldm)")
+            raise ScldmError(
+                "run.stage=vae needs count data; set data.source=h5ad, soma or mixture (latents are for run.stage=ldm)"
+            )
         self.cfg = cfg
-        check_h5ad_shards(resolve_shards(cfg.data.path), list(cfg.data.label_columns))
+        check_count_sources(cfg.data)
         self.vocab, self.labels = load_vocab_and_labels(cfg.data)
-        derive(cfg, n_genes=len(self.vocab), label_cardinalities=self.labels.cardinalities)
+        derive(cfg, n_genes=len(self.vocab), label_cardinalities=self.labels.cardinalities,
+               log_library=library_size_stats(cfg.data))
         self.model_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
         self.decode_mode = DecodeGenes(cfg.train.decode_genes)
 
@@ -126,7 +131,8 @@ class VAEStage:
         out = engine(batch["gene_ids_ns"], batch["counts_ns"].to(dtype), batch["mask_ns"],
                      targets["gene_ids_nt"], targets["mask_nt"])
         return vae_loss(out, targets, batch["library_size_n"], n_genes,
-                        float(self.cfg.train.kl_weight), float(self.cfg.train.library_loss_weight))
+                        float(self.cfg.train.kl_weight), float(self.cfg.train.library_loss_weight),
+                        self.model_cfg.log_library_scale)
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["mask_ns"].sum())
@@ -161,6 +167,8 @@ class LDMStage:
         if not (Path(latents) / "manifest.json").is_file():
             raise ScldmError(f"{latents}: no latent cache (manifest.json); run `scldm-scale encode` on the VAE run first")
         cfg.ldm.latents = latents
+        cfg.ldm.sample_reference = resolve_sample_reference(str(cfg.ldm.sample_reference), str(vae_cfg.data.path),
+                                                            int(cfg.train.sample_every))
         cfg.data.source = SourceKind.LATENTS
         cfg.data.path = latents
         self.cfg = cfg
@@ -203,6 +211,10 @@ class LDMStage:
 
     def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         return 3.0 * model.flops_per_cell()
+
+    def sample_quality(self, device: torch.device) -> SampleQuality:
+        """The rank-0 check behind ``train.sample_every`` (generated vs held-out cells)."""
+        return SampleQuality(self, device)
 
     def export_artifacts(self) -> dict[str, Callable[[Path], Any]]:
         return {

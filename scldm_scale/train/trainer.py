@@ -79,6 +79,12 @@ class Trainer:
         self.logger = build_logger(cfg, self.run_dir, self.rank, self.max_steps, self.step,
                                    OmegaConf.to_container(cfg, resolve=True))
         self.peak_flops = (float(cfg.logging.peak_tflops) or detect_peak_tflops()) * 1e12
+        self.sample_every = int(cfg.train.sample_every) if hasattr(self.stage, "sample_quality") else 0
+        if int(cfg.train.sample_every) > 0 and not self.sample_every and self.rank == 0:
+            print(f"note: train.sample_every applies to run.stage=ldm; no sampling in a {cfg.run.stage} run", flush=True)
+        # rank 0 only: the reference is read and embedded once, here
+        self.sample_quality = self.stage.sample_quality(self.dist.device) if self.sample_every and self.rank == 0 \
+            else None
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -185,6 +191,8 @@ class Trainer:
                 self.logger.log(self._derived_metrics(reduced, elapsed), self.step)
                 window = {"_cells": 0.0, "_tokens": 0.0}
                 t_window = time.perf_counter()
+            if self.sample_every and self.step % self.sample_every == 0:
+                self.sample()
             if ckpt_every and self.step % ckpt_every == 0:
                 self.save()
                 last_saved = self.step
@@ -195,6 +203,20 @@ class Trainer:
             self.export()
         elif self.rank == 0:
             print(f"SIGTERM: checkpoint saved at step {self.step}; resume with run.resume=true", flush=True)
+
+    def sample(self) -> None:
+        """Generate cells on rank 0 and log their distance to held-out cells (``sample/*`` metrics).
+
+        EMA weights are full copies on every rank (gathered at each update), so rank 0 samples while the
+        other ranks go on to the next step and wait for it at its first collective. Without EMA, every
+        rank joins the weight gather (a collective under ZeRO-3), then rank 0 samples alone.
+        """
+        if self.ema is not None:
+            weights = self.ema.state_dict()
+        elif self.zero_stage == 3 or self.sample_quality is not None:
+            weights = consolidated_state_dict(self.engine, self.zero_stage)
+        if self.sample_quality is not None:
+            self.logger.log(self.sample_quality(weights), self.step)
 
     def _any_rank(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0])

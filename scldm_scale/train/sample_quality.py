@@ -1,0 +1,135 @@
+"""Periodic sample quality of the LDM stage: generate a few hundred cells, compare them with held-out cells.
+
+Every ``train.sample_every`` steps rank 0 generates ``train.sample_cells`` cells with the current
+weights (EMA when on) through the same path as ``scldm-scale generate``
+(:func:`~scldm_scale.tasks.generate.sample_counts`: guided sampler, VAE decoder, NB draws) and
+computes ``sample/mmd`` and ``sample/w2`` against held-out cells in the fixed representation of
+:mod:`scldm_scale.eval.representation`, exactly as ``scldm-scale evaluate`` does. The reference is
+read, capped at :data:`MAX_REFERENCE_CELLS` and embedded once at start-up; the generated cells
+follow its label composition (:func:`~scldm_scale.tasks.generate.conditions_matching`).
+
+Sampling runs on a separate eval-mode copy of the DiT, so the training module (its mode, its
+ZeRO partitions) is never touched and no collective is involved; the noise and NB draws come from
+their own generators seeded with ``run.seed`` (the same cells' noise at every call, training RNG
+streams untouched).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scldm_scale.data.validate import HELDOUT_NAME
+from scldm_scale.errors import ScldmError
+
+MAX_REFERENCE_CELLS = 2000  # held-out cells kept (seeded subsample); also the metrics' max_cells
+
+
+def resolve_sample_reference(explicit: str, vae_data_path: str, sample_every: int) -> str:
+    """The held-out ``.h5ad`` of ``ldm.sample_reference``; "" when sampling is off and none is set.
+
+    An explicit path must exist. Otherwise the default is ``heldout.h5ad`` beside the VAE's
+    training shards (``data.path`` a directory, or the folder of its glob / brace pattern / file).
+    """
+    if explicit:
+        if not Path(explicit).is_file():
+            raise ScldmError(f"ldm.sample_reference={explicit}: file not found; point it at an .h5ad of "
+                             "held-out cells (raw counts) or leave it empty for <VAE data.path>/heldout.h5ad")
+        return str(explicit)
+    if sample_every <= 0:
+        return ""
+    base = Path(os.path.expanduser(str(vae_data_path)))
+    default = (base if base.is_dir() else base.parent) / HELDOUT_NAME
+    if not vae_data_path or not default.is_file():
+        raise ScldmError(f"train.sample_every={sample_every} compares generated cells with held-out cells, but "
+                         f"{default} does not exist; set ldm.sample_reference=<held-out .h5ad> or train.sample_every=0")
+    return str(default)
+
+
+class SampleQuality:
+    """Rank-0 sample-quality check: ``__call__(weights)`` -> ``{"sample/mmd", "sample/w2", "sample/seconds"}``."""
+
+    def __init__(self, stage, device: torch.device) -> None:
+        import pandas as pd
+
+        from scldm_scale.data.vocab import GeneVocab
+        from scldm_scale.eval.evaluate import _counts
+        from scldm_scale.eval.representation import _common_genes, fit_representation
+        from scldm_scale.flow.guidance import GuidanceMode
+        from scldm_scale.flow.samplers import SamplerKind
+        from scldm_scale.nn.dit import DiT
+        from scldm_scale.tasks.encode import load_vae
+        from scldm_scale.tasks.generate import condition_codes, conditions_matching
+        from scldm_scale.train.export import export_path
+
+        cfg = stage.cfg
+        self.seed = int(cfg.run.seed)
+        n_cells = int(cfg.train.sample_cells)
+        if n_cells < 2:
+            raise ScldmError(f"train.sample_cells={n_cells}: need at least 2 cells to compare distributions")
+        path = str(cfg.ldm.sample_reference)
+        reference = _read_reference(path, MAX_REFERENCE_CELLS, self.seed)
+        gene_ids = pd.Index(GeneVocab.load(export_path(cfg.ldm.vae_run) / "vocab.json").gene_ids)
+        try:
+            common = _common_genes(reference.var_names, gene_ids)
+        except ScldmError as err:
+            raise ScldmError(f"ldm.sample_reference={path}: {err}") from None
+        self.gene_idx = None
+        if common is not None:  # compare on the genes both have, in reference order
+            reference = reference[:, common].copy()
+            self.gene_idx = gene_ids.get_indexer(common)
+        x_ref_ng = _counts(reference, "reference")
+        self.rep = fit_representation(x_ref_ng, seed=self.seed, var_names_g=list(reference.var_names))
+        self.ref_np = self.rep.transform(x_ref_ng)
+
+        attributes = [a for a in stage.labels.attributes if a in reference.obs.columns]
+        conditions = conditions_matching(path, attributes, n_cells, self.seed) if attributes else [({}, n_cells)]
+        self.labels_na, _ = condition_codes(conditions, stage.labels, strict=False)
+        self.null_codes = list(stage.labels.cardinalities)
+        self.weights_a = [float(w) for w in cfg.flow.guidance]
+        self.mode = GuidanceMode(cfg.flow.guidance_mode)
+        self.sampler = SamplerKind(cfg.flow.sampler)
+        self.num_steps = int(cfg.flow.num_steps)
+        self.mean_mz, self.std_mz = stage.mean_mz, stage.std_mz
+        self.vae = load_vae(cfg.ldm.vae_run)[0].to(device)
+        with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: keep the training RNG as is
+            self.dit = DiT(stage.model_cfg).to(device).eval()
+        self.dit.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        from scldm_scale.eval.metrics import mmd_rbf, wasserstein2
+        from scldm_scale.tasks.generate import sample_counts
+
+        start = time.perf_counter()
+        self.dit.load_state_dict(weights)
+        counts_ng, _ = sample_counts(self.dit, self.vae, self.labels_na, self.null_codes, self.weights_a, self.mode,
+                                     self.num_steps, self.sampler, self.mean_mz, self.std_mz, seed=self.seed)
+        if self.gene_idx is not None:
+            counts_ng = counts_ng[:, self.gene_idx]
+        y_np = self.rep.transform(counts_ng)
+        return {
+            "sample/mmd": mmd_rbf(self.ref_np, y_np, max_cells=MAX_REFERENCE_CELLS, seed=self.seed),
+            "sample/w2": wasserstein2(self.ref_np, y_np, max_cells=MAX_REFERENCE_CELLS, seed=self.seed),
+            "sample/seconds": time.perf_counter() - start,
+        }
+
+
+def _read_reference(path: str, max_cells: int, seed: int):
+    """The reference AnnData in memory, subsampled (seeded, order kept) to at most ``max_cells`` cells."""
+    import anndata as ad
+
+    backed = ad.read_h5ad(path, backed="r")
+    if backed.n_obs < 2:
+        raise ScldmError(f"ldm.sample_reference={path}: has {backed.n_obs} cell(s); need at least 2 held-out cells")
+    if backed.n_obs <= max_cells:
+        backed.file.close()
+        return ad.read_h5ad(path)
+    idx = np.sort(np.random.default_rng(seed).choice(backed.n_obs, size=max_cells, replace=False))
+    out = backed[idx].to_memory()
+    backed.file.close()
+    return out

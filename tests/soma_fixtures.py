@@ -41,10 +41,9 @@ _WRITTEN: dict[str, str] = {}  # atlas dir -> experiment URI (test modules share
 
 
 def _run_in_child(fn, *args, timeout: float = 180.0) -> None:
-    """Run ``fn`` in a child: forked (fast) unless this process already opened TileDB, then spawned."""
-    from scldm_scale.data import soma_source
-
-    ctx = multiprocessing.get_context("fork" if soma_source._TILEDB_PID is None else "spawn")
+    """Run ``fn`` in a spawned child: a fork of the test process, which may hold other threads'
+    locks after many tests, can hang."""
+    ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(target=fn, args=args)
     proc.start()
     proc.join(timeout)

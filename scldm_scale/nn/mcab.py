@@ -27,7 +27,6 @@ class MCAB(nn.Module):
 
     Pooling: m learned queries over a masked gene set (permutation invariant).
     Unpooling: one query per gene over the m latent tokens (permutation equivariant).
-    ``mlp_ratio=0`` leaves out the MLP (attention only: the per-query cost drops from ~(2 + 2r)d^2 to ~2d^2).
     """
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
@@ -35,13 +34,12 @@ class MCAB(nn.Module):
         self.ln_q = nn.LayerNorm(d_model)
         self.ln_kv = nn.LayerNorm(d_model)
         self.attn = MultiheadAttention(d_model, n_heads, dropout=dropout)
-        self.ln_mlp = nn.LayerNorm(d_model) if mlp_ratio > 0 else None
-        self.mlp = MLP(d_model, mlp_ratio, dropout) if mlp_ratio > 0 else None
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio, dropout)
 
     def forward(self, q_nqd: Tensor, kv_nkd: Tensor, key_mask_nk: Tensor | None = None) -> Tensor:
         q_nqd = q_nqd + self.attn(self.ln_q(q_nqd), self.ln_kv(kv_nkd), key_mask_nk)  # (n, q, d)
-        if self.mlp is not None:
-            q_nqd = q_nqd + self.mlp(self.ln_mlp(q_nqd))  # (n, q, d)
+        q_nqd = q_nqd + self.mlp(self.ln_mlp(q_nqd))  # (n, q, d)
         return q_nqd
 
 

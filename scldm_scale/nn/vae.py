@@ -33,7 +33,6 @@ class VAEConfig:
     n_encoder_layers: int = 2
     n_decoder_layers: int = 2
     mlp_ratio: float = 4.0
-    unpool_mlp_ratio: float = 0.0  # MLP of the unpooling MCAB (0 = attention only; it runs once per decoded gene)
     dropout: float = 0.0
     value_embedding: ValueEmbedding = ValueEmbedding.CONCAT
     value_input: ValueInput = ValueInput.LOG1P
@@ -97,12 +96,11 @@ class ScVAE(nn.Module):
         self.latent_in = nn.Linear(z, d)
         self.latent_pos = nn.Parameter(torch.empty(m, d))
         self.decoder_blocks = nn.ModuleList(SelfAttentionBlock(d, **blk) for _ in range(cfg.n_decoder_layers))
-        self.unpool = MCAB(d, n_heads=cfg.n_heads, mlp_ratio=cfg.unpool_mlp_ratio, dropout=cfg.dropout)
+        self.unpool = MCAB(d, **blk)
         self.decoder_norm = nn.LayerNorm(d)
-        self.gene_readout = nn.Embedding(cfg.n_genes, d)  # NB head: one readout vector per gene
+        self.logit_head = nn.Linear(d, 1)
         self.library_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.log_theta_g = nn.Parameter(torch.zeros(cfg.n_genes))
-        self.logit_bias_g = nn.Parameter(torch.zeros(cfg.n_genes))  # per-gene baseline log-frequency
 
         self.initialize_weights()
 
@@ -115,7 +113,6 @@ class ScVAE(nn.Module):
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
         nn.init.normal_(self.gene_embedding.weight, std=1.0)  # gene identity as strong as the value signal
-        nn.init.normal_(self.gene_readout.weight, std=self.cfg.d_model**-0.5)
         nn.init.normal_(self.latent_queries, std=0.02)
         nn.init.normal_(self.latent_pos, std=0.02)
         nn.init.zeros_(self.log_theta_g)  # theta = 1
@@ -145,9 +142,7 @@ class ScVAE(nn.Module):
         """Returns ``{"z_nmz", "mu_nmz", "logvar_nmz"}`` (logvar None unless variational)."""
         n = gene_ids_ns.shape[0]
         tokens_nsd = self.tokenize(gene_ids_ns, counts_ns)  # (n, s, d)
-        mask_ns1 = mask_ns.unsqueeze(-1).to(tokens_nsd.dtype)
-        mean_nd = (tokens_nsd * mask_ns1).sum(1) / mask_ns1.sum(1).clamp(min=1.0)  # (n, d) set mean
-        queries_nmd = self.latent_queries.unsqueeze(0) + mean_nd.unsqueeze(1)  # (n, m, d)
+        queries_nmd = self.latent_queries.unsqueeze(0).expand(n, -1, -1)  # (n, m, d)
         h_nmd = self._block(self.pool, queries_nmd, tokens_nsd, mask_ns)  # (n, m, d)
         for block in self.encoder_blocks:
             h_nmd = self._block(block, h_nmd)  # (n, m, d)
@@ -178,9 +173,7 @@ class ScVAE(nn.Module):
         for gene_ids_nc in gene_ids_nt.split(self.cfg.decode_chunk_size, dim=1):
             q_ncd = self.gene_embedding(gene_ids_nc)  # (n, c, d)
             q_ncd = self._block(self.unpool, q_ncd, h_nmd)  # (n, c, d)
-            readout_ncd = self.gene_readout(gene_ids_nc)  # (n, c, d)
-            logits_nc = (self.decoder_norm(q_ncd) * readout_ncd).sum(-1)  # (n, c)
-            chunks.append(logits_nc + self.logit_bias_g[gene_ids_nc])  # (n, c)
+            chunks.append(self.logit_head(self.decoder_norm(q_ncd)).squeeze(-1))  # (n, c)
         logits_nt = torch.cat(chunks, dim=1)  # (n, t)
         if gene_mask_nt is not None:
             logits_nt = logits_nt.masked_fill(~gene_mask_nt, 0.0)
@@ -225,5 +218,5 @@ class ScVAE(nn.Module):
         macs += m * z * d  # latent_in
         macs += c.n_decoder_layers * _self_block_macs(m, d, r)
         macs += 2 * d * d + d  # library MLP
-        macs += _mcab_macs(t, m, d, c.unpool_mlp_ratio) + t * d  # unpooling and per-gene readout
+        macs += _mcab_macs(t, m, d, r) + t * d  # unpooling and logit head
         return 2.0 * macs

@@ -57,6 +57,13 @@ def init_distributed() -> DistInfo:
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False))
         torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
                                              world_size=int(os.environ["WORLD_SIZE"]))
+    if not cuda:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start-up that only its
+        # inference path uses; training never calls it. Skipping it saves the first-start compile and
+        # cannot hang on the compile lock a killed process leaves behind.
+        import deepspeed.comm.torch as ds_torch_comm
+
+        ds_torch_comm.build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     else:

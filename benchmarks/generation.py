@@ -188,10 +188,9 @@ def _run(cmd: list[str], logfile: Path, env: dict, done: Path) -> None:
 
 
 def _cli(nproc: int, args: list[str]) -> list[str]:
-    if nproc <= 1:
-        return [sys.executable, "-m", "scldm_scale.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "scldm_scale.cli", *args]
+    from scldm_scale.tasks.demo import torchrun
+
+    return torchrun(nproc, args)
 
 
 def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_steps, conditions,

@@ -8,7 +8,7 @@ from scldm_scale.nn.attention import MultiheadAttention
 from scldm_scale.nn.dit import DIT_PRESETS, DiT, DiTConfig, PosEmbed
 from scldm_scale.nn.likelihood import nb_log_prob
 from scldm_scale.nn.mcab import MCAB, SelfAttentionBlock
-from scldm_scale.nn.vae import VAE_PRESETS, ScVAE, VAEConfig, ValueEmbedding
+from scldm_scale.nn.vae import VAE_PRESETS, PoolPrior, ScVAE, VAEConfig, ValueEmbedding
 
 __all__ = [
     "DIT_PRESETS",
@@ -17,6 +17,7 @@ __all__ = [
     "DiT",
     "DiTConfig",
     "MultiheadAttention",
+    "PoolPrior",
     "PosEmbed",
     "ScVAE",
     "SelfAttentionBlock",

@@ -5,7 +5,9 @@ when flash-attn is installed, the tensors are on CUDA and the dtype is fp16/bf16
 ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key padding mask
 (which itself dispatches to the Flash / memory-efficient / math backends).
 
-Masks are bool, True = real token. A query whose keys are all masked returns zeros.
+Masks are bool, True = real token. A query whose keys are all masked returns zeros. An optional
+additive ``key_bias_nk`` (float, a log-prior over the keys, the same for every query and head) is
+added to the attention scores; it always takes the SDPA path (flash-attn has no per-key bias).
 """
 
 from __future__ import annotations
@@ -56,18 +58,26 @@ def _flash_attention(q_nhqd: Tensor, k_nhkd: Tensor, v_nhkd: Tensor, key_mask_nk
     return out_nhqd * has_key_n.view(n, 1, 1, 1).to(out_nhqd.dtype)
 
 
-def attention(q_nhqd: Tensor, k_nhkd: Tensor, v_nhkd: Tensor, key_mask_nk: Tensor | None = None) -> Tensor:
-    """Softmax attention over keys; ``key_mask_nk`` (bool, True = real key). Returns (n, h, q, d)."""
-    if _use_flash(q_nhqd):
+def attention(q_nhqd: Tensor, k_nhkd: Tensor, v_nhkd: Tensor, key_mask_nk: Tensor | None = None,
+              key_bias_nk: Tensor | None = None) -> Tensor:
+    """Softmax attention over keys; ``key_mask_nk`` (bool, True = real key), ``key_bias_nk`` (float,
+    added to the scores of every query and head). Returns (n, h, q, d)."""
+    if key_bias_nk is None and _use_flash(q_nhqd):
         return _flash_attention(q_nhqd, k_nhkd, v_nhkd, key_mask_nk)
-    if key_mask_nk is None:
+    if key_mask_nk is None and key_bias_nk is None:
         return F.scaled_dot_product_attention(q_nhqd, k_nhkd, v_nhkd)  # (n, h, q, d)
+    n, k = k_nhkd.shape[0], k_nhkd.shape[2]
+    if key_mask_nk is None:
+        key_mask_nk = torch.ones(n, k, dtype=torch.bool, device=k_nhkd.device)
     has_key_n = key_mask_nk.any(dim=1)  # (n,)
     # rows without any real key attend to everything (no NaN) and are zeroed afterwards
     safe_mask_nk = key_mask_nk | ~has_key_n[:, None]
-    out_nhqd = F.scaled_dot_product_attention(
-        q_nhqd, k_nhkd, v_nhkd, attn_mask=safe_mask_nk[:, None, None, :]
-    )  # (n, h, q, d)
+    if key_bias_nk is None:
+        attn_mask = safe_mask_nk[:, None, None, :]  # (n, 1, 1, k) bool
+    else:
+        bias_nk = key_bias_nk.to(q_nhqd.dtype).masked_fill(~key_mask_nk, 0.0)  # padding bias never leaks
+        attn_mask = bias_nk.masked_fill(~safe_mask_nk, float("-inf"))[:, None, None, :]  # (n, 1, 1, k) float
+    out_nhqd = F.scaled_dot_product_attention(q_nhqd, k_nhkd, v_nhkd, attn_mask=attn_mask)  # (n, h, q, d)
     return out_nhqd * has_key_n.view(-1, 1, 1, 1).to(out_nhqd.dtype)
 
 
@@ -85,13 +95,15 @@ class MultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x_nqd: Tensor, kv_nkd: Tensor | None = None, key_mask_nk: Tensor | None = None) -> Tensor:
+    def forward(self, x_nqd: Tensor, kv_nkd: Tensor | None = None, key_mask_nk: Tensor | None = None,
+                key_bias_nk: Tensor | None = None) -> Tensor:
         kv_nkd = x_nqd if kv_nkd is None else kv_nkd
         n, q, _ = x_nqd.shape
         k = kv_nkd.shape[1]
         h, dh = self.n_heads, self.d_head
         q_nhqd = self.q_proj(x_nqd).view(n, q, h, dh).transpose(1, 2)  # (n, h, q, dh)
         k_nkhd, v_nkhd = self.kv_proj(kv_nkd).view(n, k, 2, h, dh).unbind(dim=2)  # (n, k, h, dh) x2
-        out_nhqd = attention(q_nhqd, k_nkhd.transpose(1, 2), v_nkhd.transpose(1, 2), key_mask_nk)  # (n, h, q, dh)
+        out_nhqd = attention(q_nhqd, k_nkhd.transpose(1, 2), v_nkhd.transpose(1, 2), key_mask_nk,
+                             key_bias_nk)  # (n, h, q, dh)
         out_nqd = out_nhqd.transpose(1, 2).reshape(n, q, h * dh)  # (n, q, d)
         return self.dropout(self.out_proj(out_nqd))  # (n, q, d)

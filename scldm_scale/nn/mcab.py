@@ -27,6 +27,7 @@ class MCAB(nn.Module):
 
     Pooling: m learned queries over a masked gene set (permutation invariant).
     Unpooling: one query per gene over the m latent tokens (permutation equivariant).
+    ``key_bias_nk`` is an optional log-prior over the keys added to the attention scores.
     """
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
@@ -37,8 +38,9 @@ class MCAB(nn.Module):
         self.ln_mlp = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio, dropout)
 
-    def forward(self, q_nqd: Tensor, kv_nkd: Tensor, key_mask_nk: Tensor | None = None) -> Tensor:
-        q_nqd = q_nqd + self.attn(self.ln_q(q_nqd), self.ln_kv(kv_nkd), key_mask_nk)  # (n, q, d)
+    def forward(self, q_nqd: Tensor, kv_nkd: Tensor, key_mask_nk: Tensor | None = None,
+                key_bias_nk: Tensor | None = None) -> Tensor:
+        q_nqd = q_nqd + self.attn(self.ln_q(q_nqd), self.ln_kv(kv_nkd), key_mask_nk, key_bias_nk)  # (n, q, d)
         q_nqd = q_nqd + self.mlp(self.ln_mlp(q_nqd))  # (n, q, d)
         return q_nqd
 

@@ -18,6 +18,11 @@ class ValueEmbedding(str, Enum):
     MULTIPLY = "multiply"
 
 
+class PoolPrior(str, Enum):
+    UNIFORM = "uniform"  # pooling attention starts uniform over the expressed genes
+    EXPRESSION = "expression"  # log-prior log(log1p(cp10k)): genes weigh by depth-normalized expression
+
+
 class ValueInput(str, Enum):
     LOG1P = "log1p"  # log1p(count)
     LOG1P_CP10K = "log1p_cp10k"  # log1p(count / cell total * 1e4): invariant to sequencing depth
@@ -34,8 +39,9 @@ class VAEConfig:
     n_decoder_layers: int = 2
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    value_embedding: ValueEmbedding = ValueEmbedding.CONCAT
+    value_embedding: ValueEmbedding = ValueEmbedding.MULTIPLY
     value_input: ValueInput = ValueInput.LOG1P
+    pool_prior: PoolPrior = PoolPrior.EXPRESSION
     variational: bool = False  # diagonal Gaussian posterior (KL weight lives in the training config)
     log_library_loc: float = 0.0  # mean and std of log library size in the data (filled from data):
     log_library_scale: float = 1.0  # the library head predicts the standardized value
@@ -112,7 +118,9 @@ class ScVAE(nn.Module):
             elif isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
-        nn.init.normal_(self.gene_embedding.weight, std=1.0)  # gene identity as strong as the value signal
+        # small, like the linear weights: with Adam the relative update size sets how fast the
+        # per-gene table (shared by the encoder tokens and the decoder queries) learns
+        nn.init.normal_(self.gene_embedding.weight, std=0.02)
         nn.init.normal_(self.latent_queries, std=0.02)
         nn.init.normal_(self.latent_pos, std=0.02)
         nn.init.zeros_(self.log_theta_g)  # theta = 1
@@ -138,12 +146,26 @@ class ScVAE(nn.Module):
             return gene_nsd * value_nsd  # (n, s, d)
         return self.token_proj(torch.cat([gene_nsd, value_nsd], dim=-1))  # (n, s, d)
 
+    def pool_bias(self, counts_ns: Tensor, mask_ns: Tensor) -> Tensor | None:
+        """Log-prior of the pooling attention over a cell's gene tokens (None for a uniform start).
+
+        EXPRESSION: ``log(log1p(cp10k))``, so the pooled tokens start as an expression-weighted
+        average of the cell's genes (a depth-normalized linear summary of the profile) and the
+        learned scores refine it. Computed over the unmasked tokens only.
+        """
+        if self.cfg.pool_prior == PoolPrior.UNIFORM:
+            return None
+        counts_ns = counts_ns.float() * mask_ns
+        cp10k_ns = counts_ns / counts_ns.sum(dim=1, keepdim=True).clamp(min=1.0) * 1e4  # (n, s)
+        return torch.log1p(cp10k_ns).clamp(min=1e-6).log()  # (n, s)
+
     def encode(self, gene_ids_ns: Tensor, counts_ns: Tensor, mask_ns: Tensor) -> dict:
         """Returns ``{"z_nmz", "mu_nmz", "logvar_nmz"}`` (logvar None unless variational)."""
         n = gene_ids_ns.shape[0]
         tokens_nsd = self.tokenize(gene_ids_ns, counts_ns)  # (n, s, d)
         queries_nmd = self.latent_queries.unsqueeze(0).expand(n, -1, -1)  # (n, m, d)
-        h_nmd = self._block(self.pool, queries_nmd, tokens_nsd, mask_ns)  # (n, m, d)
+        bias_ns = self.pool_bias(counts_ns, mask_ns)  # (n, s) or None
+        h_nmd = self._block(self.pool, queries_nmd, tokens_nsd, mask_ns, bias_ns)  # (n, m, d)
         for block in self.encoder_blocks:
             h_nmd = self._block(block, h_nmd)  # (n, m, d)
         h_nmd = self.encoder_norm(h_nmd)  # (n, m, d)

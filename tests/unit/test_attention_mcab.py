@@ -11,8 +11,10 @@ from scldm_scale.nn.mcab import MCAB, SelfAttentionBlock
 from scldm_scale.nn.vae import ScVAE, VAEConfig
 
 
-def naive_attention(q, k, v, mask_nk):
+def naive_attention(q, k, v, mask_nk, bias_nk=None):
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (n, h, q, k)
+    if bias_nk is not None:
+        scores = scores + bias_nk[:, None, None, :]
     scores = scores.masked_fill(~mask_nk[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
@@ -25,6 +27,34 @@ def test_sdpa_with_mask_matches_naive_softmax():
     torch.testing.assert_close(attention(q, k, v, mask), naive_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
     full = torch.ones(3, 7, dtype=torch.bool)
     torch.testing.assert_close(attention(q, k, v), naive_attention(q, k, v, full), atol=1e-5, rtol=1e-5)
+
+
+def test_key_bias_is_added_to_scores_and_padding_never_leaks():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 2, 5, 8, generator=g)
+    k, v = torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    bias = torch.randn(3, 7, generator=g) * 2
+    out = attention(q, k, v, mask, bias)
+    torch.testing.assert_close(out[:2], naive_attention(q[:2], k[:2], v[:2], mask[:2], bias[:2]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # no real key: zeros, not NaN
+    bias_padding_changed = bias.clone()
+    bias_padding_changed[1, 3:] = 100.0
+    torch.testing.assert_close(attention(q, k, v, mask, bias_padding_changed), out)
+    # a bias alone (no mask) and a constant bias (softmax shift) are handled too
+    torch.testing.assert_close(attention(q, k, v, key_bias_nk=torch.full((3, 7), 3.0)), attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_expression_pool_prior_weights_tokens_by_log_normalized_expression():
+    vae = _vae(pool_prior="expression")
+    counts = torch.tensor([[1.0, 3.0, 0.0], [5.0, 5.0, 90.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    bias = vae.pool_bias(counts, mask)
+    expected = torch.log(torch.log1p(torch.tensor([[2500.0, 7500.0], [500.0, 500.0]])))
+    torch.testing.assert_close(bias[:, :2], expected)
+    assert torch.isfinite(bias).all()
+    assert _vae(pool_prior="uniform").pool_bias(counts, mask) is None
 
 
 def test_fully_masked_rows_give_zeros_not_nan():
@@ -92,8 +122,9 @@ def _vae(**kw):
 
 
 @pytest.mark.parametrize("value_embedding", ["concat", "multiply"])
-def test_encoder_is_invariant_to_gene_token_order(value_embedding):
-    vae = _vae(value_embedding=value_embedding)
+@pytest.mark.parametrize("pool_prior", ["uniform", "expression"])
+def test_encoder_is_invariant_to_gene_token_order(value_embedding, pool_prior):
+    vae = _vae(value_embedding=value_embedding, pool_prior=pool_prior)
     gene_ids = torch.tensor([[3, 7, 1, 12, 25, 9]])
     counts = torch.tensor([[1.0, 5.0, 2.0, 1.0, 30.0, 3.0]])
     mask = torch.ones(1, 6, dtype=torch.bool)
@@ -104,8 +135,9 @@ def test_encoder_is_invariant_to_gene_token_order(value_embedding):
     torch.testing.assert_close(z_perm, z, atol=1e-5, rtol=1e-5)
 
 
-def test_encoder_same_alone_or_padded_in_batch():
-    vae = _vae()
+@pytest.mark.parametrize("pool_prior", ["uniform", "expression"])
+def test_encoder_same_alone_or_padded_in_batch(pool_prior):
+    vae = _vae(pool_prior=pool_prior)
     short_ids, short_counts = torch.tensor([[2, 8, 5]]), torch.tensor([[4.0, 1.0, 9.0]])
     long_ids = torch.tensor([[1, 3, 6, 11, 20, 29, 4]])
     long_counts = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])

@@ -105,7 +105,7 @@ def test_tiny_vae_fits_toy_cells():
     gene_ids_ng = torch.arange(n_genes).expand(4, n_genes)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
     losses = []
-    for _ in range(50):
+    for _ in range(100):
         z = vae.encode(gene_ids_ng, counts_ng, mask_ng)["z_nmz"]
         dec = vae.decode(z, gene_ids_ng)
         mu = vae.nb_mean(dec["logits_nt"], counts_ng.sum(-1))

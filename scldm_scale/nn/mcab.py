@@ -28,6 +28,8 @@ class MCAB(nn.Module):
     Pooling: m learned queries over a masked gene set (permutation invariant).
     Unpooling: one query per gene over the m latent tokens (permutation equivariant).
     ``key_bias_nk`` is an optional log-prior over the keys added to the attention scores.
+    ``query_mask_nq`` (bool, True = real query) runs the MLP on the real queries only (padded
+    gene queries of an unpooling batch cost no MLP); masked rows keep the attention output.
     """
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
@@ -39,10 +41,12 @@ class MCAB(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio, dropout)
 
     def forward(self, q_nqd: Tensor, kv_nkd: Tensor, key_mask_nk: Tensor | None = None,
-                key_bias_nk: Tensor | None = None) -> Tensor:
+                key_bias_nk: Tensor | None = None, query_mask_nq: Tensor | None = None) -> Tensor:
         q_nqd = q_nqd + self.attn(self.ln_q(q_nqd), self.ln_kv(kv_nkd), key_mask_nk, key_bias_nk)  # (n, q, d)
-        q_nqd = q_nqd + self.mlp(self.ln_mlp(q_nqd))  # (n, q, d)
-        return q_nqd
+        if query_mask_nq is None:
+            return q_nqd + self.mlp(self.ln_mlp(q_nqd))  # (n, q, d)
+        q_Qd = q_nqd[query_mask_nq]  # (Q, d) real queries, row-major
+        return q_nqd.masked_scatter(query_mask_nq.unsqueeze(-1), q_Qd + self.mlp(self.ln_mlp(q_Qd)))  # (n, q, d)
 
 
 class SelfAttentionBlock(nn.Module):

@@ -192,9 +192,12 @@ class ScVAE(nn.Module):
         library_std_n = self.library_head(h_nmd.mean(dim=1)).squeeze(-1)  # (n,) standardized
         log_library_n = self.cfg.log_library_loc + self.cfg.log_library_scale * library_std_n  # (n,)
         chunks = []
-        for gene_ids_nc in gene_ids_nt.split(self.cfg.decode_chunk_size, dim=1):
+        ids_chunks = gene_ids_nt.split(self.cfg.decode_chunk_size, dim=1)
+        mask_chunks = (gene_mask_nt.split(self.cfg.decode_chunk_size, dim=1) if gene_mask_nt is not None
+                       else (None,) * len(ids_chunks))
+        for gene_ids_nc, mask_nc in zip(ids_chunks, mask_chunks):
             q_ncd = self.gene_embedding(gene_ids_nc)  # (n, c, d)
-            q_ncd = self._block(self.unpool, q_ncd, h_nmd)  # (n, c, d)
+            q_ncd = self._block(self.unpool, q_ncd, h_nmd, None, None, mask_nc)  # (n, c, d)
             chunks.append(self.logit_head(self.decoder_norm(q_ncd)).squeeze(-1))  # (n, c)
         logits_nt = torch.cat(chunks, dim=1)  # (n, t)
         if gene_mask_nt is not None:

@@ -152,6 +152,34 @@ def test_encoder_same_alone_or_padded_in_batch(pool_prior):
     torch.testing.assert_close(z_batch[1:], z_long, atol=1e-5, rtol=1e-5)
 
 
+def test_mcab_query_mask_skips_padding_without_changing_real_queries():
+    torch.manual_seed(0)
+    block = MCAB(16, 4)
+    q = torch.randn(2, 5, 16, requires_grad=True)
+    kv = torch.randn(2, 3, 16)
+    qmask = torch.tensor([[True, False, True, True, False], [False, True, True, True, True]])
+    full = block(q, kv)
+    (full[qmask].square().sum()).backward()
+    grad_full = q.grad.clone()
+    q.grad = None
+    masked = block(q, kv, query_mask_nq=qmask)
+    (masked[qmask].square().sum()).backward()
+    torch.testing.assert_close(masked[qmask], full[qmask], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q.grad, grad_full, atol=1e-6, rtol=1e-5)
+
+
+def test_decoder_logits_do_not_depend_on_masked_gene_queries():
+    vae = _vae()
+    z = torch.randn(2, 4, 8)
+    ids = torch.tensor([[3, 7, 1, 0, 0], [12, 25, 9, 4, 2]])
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    with torch.no_grad():
+        masked = vae.decode(z, ids, mask)["logits_nt"]
+        full = vae.decode(z, ids)["logits_nt"]
+    torch.testing.assert_close(masked[mask], full[mask], atol=1e-5, rtol=1e-5)
+    assert torch.equal(masked[~mask], torch.zeros_like(masked[~mask]))
+
+
 def test_decoder_unpool_is_equivariant_to_gene_order():
     vae = _vae()
     z = torch.randn(2, 4, 8)

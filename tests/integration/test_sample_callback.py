@@ -59,11 +59,12 @@ def test_sample_metrics_equal_generate_then_evaluate_with_the_ema_weights(runs, 
     assert last["step"] == LDM_STEPS
     assert last["sample/mmd"] == pytest.approx(expected["mmd"], rel=1e-6, abs=1e-12)
     assert last["sample/w2"] == pytest.approx(expected["w2"], rel=1e-6)
-    # the raw (non-EMA) weights give other cells: the callback did sample with the EMA
+    # the raw (non-EMA) weights sample other latents, so matching the EMA run is not a coincidence (the
+    # counts of so short a run can coincide: an 8-step VAE decoder barely reads its latents yet)
     raw = generate(str(runs / "ldm"), conditions_matching(str(heldout), attributes, SAMPLE_CELLS, 0),
                    str(runs / "gen_raw.h5ad"), seed=0, use_ema=False, progress=False)
-    assert evaluate(ad.read_h5ad(heldout), ad.read_h5ad(raw), label_keys=[], seed=0,
-                    per_condition=False)["w2"] != pytest.approx(last["sample/w2"], rel=1e-6)
+    latents_ema, latents_raw = ad.read_h5ad(out).obsm["X_latent"], ad.read_h5ad(raw).obsm["X_latent"]
+    assert abs(latents_ema - latents_raw).max() > 1e-3
 
 
 def test_missing_reference_fails_at_start_up(runs):

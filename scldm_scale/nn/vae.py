@@ -74,6 +74,11 @@ def _self_block_macs(m: int, d: int, mlp_ratio: float) -> float:
 # --------------------------------------------------------------------------- model
 
 
+def per_10k(counts_ns: Tensor) -> Tensor:
+    """Counts per 10,000 of the cell's total over its tokens (padding must hold 0)."""
+    return counts_ns / counts_ns.sum(dim=1, keepdim=True).clamp(min=1.0) * 1e4  # (n, s)
+
+
 class ScVAE(nn.Module):
     """Permutation-invariant set autoencoder with a negative-binomial decoder."""
 
@@ -140,7 +145,7 @@ class ScVAE(nn.Module):
         gene_nsd = self.gene_embedding(gene_ids_ns)  # (n, s, d)
         counts_ns = counts_ns.to(gene_nsd.dtype)
         if self.cfg.value_input == ValueInput.LOG1P_CP10K:
-            counts_ns = counts_ns / counts_ns.sum(dim=1, keepdim=True).clamp(min=1.0) * 1e4  # (n, s)
+            counts_ns = per_10k(counts_ns)  # (n, s)
         value_nsd = self.value_mlp(torch.log1p(counts_ns).unsqueeze(-1))  # (n, s, d)
         if self.token_proj is None:  # MULTIPLY
             return gene_nsd * value_nsd  # (n, s, d)
@@ -155,8 +160,7 @@ class ScVAE(nn.Module):
         """
         if self.cfg.pool_prior == PoolPrior.UNIFORM:
             return None
-        counts_ns = counts_ns.float() * mask_ns
-        cp10k_ns = counts_ns / counts_ns.sum(dim=1, keepdim=True).clamp(min=1.0) * 1e4  # (n, s)
+        cp10k_ns = per_10k(counts_ns.float() * mask_ns)  # (n, s)
         return torch.log1p(cp10k_ns).clamp(min=1e-6).log()  # (n, s)
 
     def encode(self, gene_ids_ns: Tensor, counts_ns: Tensor, mask_ns: Tensor) -> dict:

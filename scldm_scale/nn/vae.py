@@ -38,6 +38,12 @@ class VAEConfig:
     n_encoder_layers: int = 2
     n_decoder_layers: int = 2
     mlp_ratio: float = 4.0
+    # MLP width of the unpooling MCAB, which runs once per (cell, decoded gene) and dominates the
+    # decoder's cost; 0 = mlp_ratio. A narrow one (1.0) reconstructs as well for far less compute.
+    unpool_mlp_ratio: float = 0.0
+    # NB head: besides the shared logit head, a learned readout vector and logit bias per gene
+    # (gene-specific signed loadings on the unpooled features, like the last layer of an MLP decoder)
+    gene_readout: bool = False
     dropout: float = 0.0
     value_embedding: ValueEmbedding = ValueEmbedding.MULTIPLY
     value_input: ValueInput = ValueInput.LOG1P
@@ -107,9 +113,11 @@ class ScVAE(nn.Module):
         self.latent_in = nn.Linear(z, d)
         self.latent_pos = nn.Parameter(torch.empty(m, d))
         self.decoder_blocks = nn.ModuleList(SelfAttentionBlock(d, **blk) for _ in range(cfg.n_decoder_layers))
-        self.unpool = MCAB(d, **blk)
+        self.unpool = MCAB(d, n_heads=cfg.n_heads, mlp_ratio=cfg.unpool_mlp_ratio or cfg.mlp_ratio, dropout=cfg.dropout)
         self.decoder_norm = nn.LayerNorm(d)
         self.logit_head = nn.Linear(d, 1)
+        self.readout_gd = nn.Parameter(torch.zeros(cfg.n_genes, d)) if cfg.gene_readout else None
+        self.logit_bias_g = nn.Parameter(torch.zeros(cfg.n_genes)) if cfg.gene_readout else None
         self.library_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.log_theta_g = nn.Parameter(torch.zeros(cfg.n_genes))
 
@@ -129,6 +137,9 @@ class ScVAE(nn.Module):
         nn.init.normal_(self.latent_queries, std=0.02)
         nn.init.normal_(self.latent_pos, std=0.02)
         nn.init.zeros_(self.log_theta_g)  # theta = 1
+        if self.readout_gd is not None:  # the per-gene readout starts as the shared head alone
+            nn.init.zeros_(self.readout_gd)
+            nn.init.zeros_(self.logit_bias_g)
         if self.logvar_head is not None:  # start with a small posterior variance
             nn.init.zeros_(self.logvar_head.weight)
             nn.init.constant_(self.logvar_head.bias, -4.0)
@@ -202,11 +213,19 @@ class ScVAE(nn.Module):
         for gene_ids_nc, mask_nc in zip(ids_chunks, mask_chunks):
             q_ncd = self.gene_embedding(gene_ids_nc)  # (n, c, d)
             q_ncd = self._block(self.unpool, q_ncd, h_nmd, None, None, mask_nc)  # (n, c, d)
-            chunks.append(self.logit_head(self.decoder_norm(q_ncd)).squeeze(-1))  # (n, c)
+            chunks.append(self.nb_logits(self.decoder_norm(q_ncd), gene_ids_nc))  # (n, c)
         logits_nt = torch.cat(chunks, dim=1)  # (n, t)
         if gene_mask_nt is not None:
             logits_nt = logits_nt.masked_fill(~gene_mask_nt, 0.0)
         return {"logits_nt": logits_nt, "log_library_n": log_library_n}
+
+    def nb_logits(self, u_ncd: Tensor, gene_ids_nc: Tensor) -> Tensor:
+        """NB head: shared logit head, plus the gene's own readout and bias when ``gene_readout``."""
+        logits_nc = self.logit_head(u_ncd).squeeze(-1)  # (n, c)
+        if self.readout_gd is None:
+            return logits_nc
+        readout_ncd = self.readout_gd[gene_ids_nc]  # (n, c, d)
+        return logits_nc + (u_ncd * readout_ncd).sum(-1) + self.logit_bias_g[gene_ids_nc]  # (n, c)
 
     # ------------------------------------------------------------------ training forward
 
@@ -247,5 +266,6 @@ class ScVAE(nn.Module):
         macs += m * z * d  # latent_in
         macs += c.n_decoder_layers * _self_block_macs(m, d, r)
         macs += 2 * d * d + d  # library MLP
-        macs += _mcab_macs(t, m, d, r) + t * d  # unpooling and logit head
+        macs += _mcab_macs(t, m, d, c.unpool_mlp_ratio or r) + t * d  # unpooling and logit head
+        macs += t * d if c.gene_readout else 0  # per-gene readout
         return 2.0 * macs

@@ -92,10 +92,11 @@ def test_activation_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads(), plain, atol=1e-6, rtol=1e-5)
 
 
-def test_tiny_vae_fits_toy_cells():
+@pytest.mark.parametrize("head", [{}, {"gene_readout": True, "unpool_mlp_ratio": 1.0}])
+def test_tiny_vae_fits_toy_cells(head):
     torch.manual_seed(0)
     n_genes = 16
-    vae = ScVAE(tiny_cfg(n_genes=n_genes))
+    vae = ScVAE(tiny_cfg(n_genes=n_genes, **head))
     # 4 toy cells: two expression programs, each cell's expressed genes as a token set
     rates = torch.zeros(4, n_genes)
     rates[:2, :8] = torch.linspace(1, 20, 8)
@@ -127,3 +128,32 @@ def test_flops_per_cell_positive_and_grows_with_width():
     wide = ScVAE(tiny_cfg(d_model=64)).flops_per_cell(100, 1000)
     assert 0 < small < wide
     assert ScVAE(tiny_cfg()).flops_per_cell(100, 2000) > small
+
+
+def test_gene_readout_starts_as_shared_head_and_stays_gene_specific():
+    torch.manual_seed(0)
+    plain = ScVAE(tiny_cfg()).eval()
+    torch.manual_seed(0)
+    readout = ScVAE(tiny_cfg(gene_readout=True)).eval()
+    z = torch.randn(2, 4, 8)
+    gene_ids = torch.arange(20).expand(2, 20)
+    with torch.no_grad():
+        base = plain.decode(z, gene_ids)["logits_nt"]
+        torch.testing.assert_close(readout.decode(z, gene_ids)["logits_nt"], base)  # zero-initialized
+        readout.readout_gd[7].normal_()
+        readout.logit_bias_g[7] = 3.0
+        moved = readout.decode(z, gene_ids)["logits_nt"]
+        # only gene 7 changed, and the decoder stays permutation equivariant over the decoded genes
+        assert not torch.allclose(moved[:, 7], base[:, 7])
+        torch.testing.assert_close(moved[:, torch.arange(20) != 7], base[:, torch.arange(20) != 7])
+        perm = torch.randperm(20)
+        torch.testing.assert_close(readout.decode(z, gene_ids[:, perm])["logits_nt"], moved[:, perm])
+
+
+def test_unpool_mlp_ratio_sets_unpool_width_only():
+    default = ScVAE(tiny_cfg())
+    narrow = ScVAE(tiny_cfg(unpool_mlp_ratio=1.0))
+    assert default.unpool.mlp.fc1.out_features == 4 * 32  # 0 = mlp_ratio
+    assert narrow.unpool.mlp.fc1.out_features == 32
+    assert narrow.pool.mlp.fc1.out_features == narrow.decoder_blocks[0].mlp.fc1.out_features == 4 * 32
+    assert narrow.flops_per_cell(100, 1000) < default.flops_per_cell(100, 1000)

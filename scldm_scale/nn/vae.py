@@ -266,6 +266,7 @@ class ScVAE(nn.Module):
         macs += m * z * d  # latent_in
         macs += c.n_decoder_layers * _self_block_macs(m, d, r)
         macs += 2 * d * d + d  # library MLP
-        macs += _mcab_macs(t, m, d, c.unpool_mlp_ratio or r) + t * d  # unpooling and logit head
+        r_unpool = self.unpool.mlp.fc1.out_features / d  # the width the unpooling MCAB was built with
+        macs += _mcab_macs(t, m, d, r_unpool) + t * d  # unpooling and logit head
         macs += t * d if c.gene_readout else 0  # per-gene readout
         return 2.0 * macs

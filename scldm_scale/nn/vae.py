@@ -35,6 +35,8 @@ class VAEConfig:
     n_heads: int = 4
     n_latent_tokens: int = 16  # m
     d_latent: int = 16  # z
+    # self-attention blocks over the m latent tokens after pooling / before unpooling; 0 = none (the
+    # pooling MCAB writes the latents directly and the unpooling MCAB reads them directly)
     n_encoder_layers: int = 2
     n_decoder_layers: int = 2
     mlp_ratio: float = 4.0
@@ -92,6 +94,9 @@ class ScVAE(nn.Module):
         super().__init__()
         if cfg.n_genes <= 0:
             raise ValueError(f"VAEConfig.n_genes must be > 0 (got {cfg.n_genes}); fill it from the gene vocabulary")
+        if cfg.n_encoder_layers < 0 or cfg.n_decoder_layers < 0:
+            raise ValueError(f"vae.n_encoder_layers / vae.n_decoder_layers must be >= 0 (got {cfg.n_encoder_layers} / "
+                             f"{cfg.n_decoder_layers}); 0 means no self-attention between the MCABs")
         self.cfg = cfg
         d, m, z = cfg.d_model, cfg.n_latent_tokens, cfg.d_latent
         blk = dict(n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)

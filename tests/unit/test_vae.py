@@ -157,3 +157,22 @@ def test_unpool_mlp_ratio_sets_unpool_width_only():
     assert narrow.unpool.mlp.fc1.out_features == 32
     assert narrow.pool.mlp.fc1.out_features == narrow.decoder_blocks[0].mlp.fc1.out_features == 4 * 32
     assert narrow.flops_per_cell(100, 1000) < default.flops_per_cell(100, 1000)
+
+
+def test_no_latent_self_attention_blocks():
+    """0 blocks per side: the pooling MCAB writes the latents, the unpooling MCAB reads them."""
+    torch.manual_seed(0)
+    vae = ScVAE(tiny_cfg(n_encoder_layers=0, n_decoder_layers=0)).eval()
+    assert len(vae.encoder_blocks) == len(vae.decoder_blocks) == 0
+    assert vae.flops_per_cell(100, 1000) < ScVAE(tiny_cfg()).flops_per_cell(100, 1000)
+    gene_ids = torch.randint(0, 20, (3, 6))
+    counts = torch.randint(1, 10, (3, 6)).float()
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    perm = torch.randperm(6)
+    with torch.no_grad():
+        z = vae.encode(gene_ids, counts, mask)["z_nmz"]
+        torch.testing.assert_close(vae.encode(gene_ids[:, perm], counts[:, perm], mask)["z_nmz"], z)
+        out = vae(gene_ids, counts, mask, gene_ids, mask)
+        assert out["logits_nt"].shape == (3, 6) and torch.isfinite(out["logits_nt"]).all()
+    with pytest.raises(ValueError, match="n_encoder_layers"):
+        ScVAE(tiny_cfg(n_encoder_layers=-1))

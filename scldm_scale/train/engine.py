@@ -64,10 +64,7 @@ def init_distributed() -> DistInfo:
         import deepspeed.comm.torch as ds_torch_comm
 
         ds_torch_comm.build_shm_op = lambda: None
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    else:
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the existing group
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # joins, or adopts the group made above
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 

@@ -257,7 +257,7 @@ REJOIN = textwrap.dedent('''
     import torch
     import torch.distributed as dist
 
-    from scldm_scale.train.engine import init_distributed
+    from scldm_scale.train.engine import destroy_distributed, init_distributed
 
     attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
     if attempt > 0 and rank == 1:
@@ -270,6 +270,7 @@ REJOIN = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
         dist.all_reduce(value)  # rank 0 fails here: its peer is gone
     print(f"attempt {attempt} rank {rank} joined: {value.item()}", flush=True)
+    destroy_distributed()  # a clean exit: gloo's threads must not outlive the interpreter
 ''')
 
 

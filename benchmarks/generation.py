@@ -368,7 +368,7 @@ def format_tables(results: dict, short: dict) -> str:
         lines.append(f"\n{ds}: {d['n_train']} training / {d['n_heldout']} held-out cells x {d['n_genes']} genes, "
                      f"{d['labels']} labels; reference = {res['n_reference']} held-out cells, "
                      f"{res['n_generated']} cells per method; {N_PCS} PCs")
-        lines.append(f"{'method':<12} {'W2':>8} {'MMD':>9} {'FD':>9} {'1-NN':>6} {'kNN label':>9}  budget")
+        lines.append(f"{'method':<12} {'W2':>8} {'MMD':>9} {'FD':>9} {'1-NN':>6} {'kNN label':>9} {'var ratio':>9}  budget")
         for method, row in short[ds].items():
             budget = ""
             mi = res["methods"].get(method)
@@ -378,8 +378,9 @@ def format_tables(results: dict, short: dict) -> str:
             elif method == "scvi" and mi:
                 budget = f"{mi['epochs']} epochs x batch {mi['batch_size']}, {mi['wall_s']:.0f} s"
             f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+            var_ratio = _num(res["metrics"][method].get("var_ratio"))
             lines.append(f"{method:<12} {f(row['w2'], '8.3f')} {f(row['mmd'], '9.4f')} {f(row['fd'], '9.2f')} "
-                         f"{f(row['nn1'], '6.3f')} {f(row['knn_label_acc'], '9.3f')}  {budget}")
+                         f"{f(row['nn1'], '6.3f')} {f(row['knn_label_acc'], '9.3f')} {f(var_ratio, '9.3f')}  {budget}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from scldm_scale.eval.evaluate import compare, evaluate, format_table
 from scldm_scale.eval.metrics import (
     frechet_distance,
     gene_moment_r2,
+    gene_moment_scores,
     gene_moments,
     knn_label_accuracy,
     mmd_rbf,
@@ -36,6 +37,7 @@ __all__ = [
     "format_table",
     "frechet_distance",
     "gene_moment_r2",
+    "gene_moment_scores",
     "gene_moments",
     "independent_genes_baseline",
     "knn_label_accuracy",

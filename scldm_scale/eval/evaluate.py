@@ -9,7 +9,8 @@ prints it.
 
 Result keys (all floats unless noted):
 ``w2``, ``mmd``, ``fd``, ``nn1``, ``precision``, ``recall``, ``density``, ``coverage``
-(in the representation), ``mean_r2``, ``var_r2`` (per-gene moments over all genes),
+(in the representation), ``mean_r2``, ``var_r2``, ``var_ratio`` (per-gene moments over all
+genes; :func:`scldm_scale.eval.metrics.gene_moment_r2`),
 ``knn_acc/<label>`` for every label key present in both ``obs``, ``per_condition``:
 ``{label: {value: {"w2", "mmd", "n_ref", "n_gen"}}}`` for values with >= 20 cells on both
 sides, and bookkeeping ints ``n_ref``, ``n_gen``, ``n_genes``, ``n_hvg``, ``n_pcs``.
@@ -118,8 +119,7 @@ def _evaluate_one(ref: _RefState, generated, label_keys, seed, max_cells, per_co
     res.update(M.prdc(x_np, y_np, max_cells=max_cells, seed=seed))
 
     mean_gen_g, var_gen_g = M.gene_moments(y_ng, rep.target_sum)
-    res["mean_r2"] = M._r2(ref.mean_g, mean_gen_g)
-    res["var_r2"] = M._r2(ref.var_g, var_gen_g)
+    res.update(M.gene_moment_scores(ref.mean_g, ref.var_g, mean_gen_g, var_gen_g))
 
     labels = _shared_labels(ref.adata, generated, label_keys)
     lab_ref = {k: ref.adata.obs[k].astype(str).to_numpy() for k in labels}

@@ -33,6 +33,7 @@ __all__ = [
     "knn_label_accuracy",
     "gene_moments",
     "gene_moment_r2",
+    "gene_moment_scores",
     "nb_nll_per_cell",
     "reconstruction_pearson",
     "reconstruction_mse",
@@ -251,21 +252,31 @@ def _r2(true_g: np.ndarray, pred_g: np.ndarray) -> float:
     return 1.0 - ss_res / ss_tot
 
 
+def gene_moment_scores(mean_ref_g: np.ndarray, var_ref_g: np.ndarray, mean_gen_g: np.ndarray,
+                       var_gen_g: np.ndarray) -> dict:
+    """``mean_r2``, ``var_r2`` and ``var_ratio`` from per-gene moments (see :func:`gene_moment_r2`)."""
+    total_ref = float(np.sum(var_ref_g))
+    return {"mean_r2": _r2(mean_ref_g, mean_gen_g), "var_r2": _r2(var_ref_g, var_gen_g),
+            "var_ratio": float(np.sum(var_gen_g)) / total_ref if total_ref > 0 else float("nan")}
+
+
 def gene_moment_r2(x_ref_ng, x_gen_ng, target_sum: float = 1e4) -> dict:
-    """Coefficient of determination of generated vs real per-gene means and variances.
+    """Generated vs real per-gene means and variances.
 
     Both count matrices (same genes, same order) are normalize-total + log1p transformed;
     per gene the mean and variance (ddof=0) over cells are computed; then
     ``R^2 = 1 - sum_g (gen_g - real_g)^2 / sum_g (real_g - mean(real))^2`` (real is the
     truth, ``sklearn.metrics.r2_score(real, gen)``), for means (``mean_r2``) and variances
-    (``var_r2``). 1 is perfect; it can be negative.
+    (``var_r2``): 1 is perfect; it can be negative. ``var_ratio = sum_g var_gen_g / sum_g
+    var_real_g``: the total per-gene variance of the generated cells relative to the real ones
+    (1 is right; > 1 noisier, < 1 smoother than the real cells). Distances fitted on a small
+    reference reward extra noise (it spreads into the reference's noise PCs, which FD weighs),
+    so read FD together with ``var_ratio``.
     """
     if x_ref_ng.shape[1] != x_gen_ng.shape[1]:
         raise ScldmError(f"gene_moment_r2: reference has {x_ref_ng.shape[1]} genes, generated "
                          f"{x_gen_ng.shape[1]}; align genes first")
-    m_r, v_r = gene_moments(x_ref_ng, target_sum)
-    m_g, v_g = gene_moments(x_gen_ng, target_sum)
-    return {"mean_r2": _r2(m_r, m_g), "var_r2": _r2(v_r, v_g)}
+    return gene_moment_scores(*gene_moments(x_ref_ng, target_sum), *gene_moments(x_gen_ng, target_sum))
 
 
 # ----------------------------------------------------------------------------- reconstruction

@@ -171,7 +171,7 @@ def test_real_vs_real_split():
 
 
 KEYS = ["w2", "mmd", "fd", "nn1", "precision", "recall", "density", "coverage", "mean_r2",
-        "var_r2", "knn_acc/cell_type", "knn_acc/donor", "per_condition"]
+        "var_r2", "var_ratio", "knn_acc/cell_type", "knn_acc/donor", "per_condition"]
 
 
 def test_evaluate_writes_json_and_png(tmp_path):

@@ -166,9 +166,14 @@ def test_gene_moment_r2():
     x = rng.poisson(mu_g, size=(400, 50))
     y = rng.poisson(mu_g, size=(400, 50))
     r = M.gene_moment_r2(x, x.copy())
-    assert r == {"mean_r2": 1.0, "var_r2": 1.0}
+    assert r == {"mean_r2": 1.0, "var_r2": 1.0, "var_ratio": 1.0}
     r = M.gene_moment_r2(x, y)
-    assert r["mean_r2"] > 0.95 and r["var_r2"] > 0.8
+    assert r["mean_r2"] > 0.95 and r["var_r2"] > 0.8 and abs(r["var_ratio"] - 1.0) < 0.05
+    # same means, more / less per-cell noise: the total variance ratio moves past 1 on either side
+    noisy = rng.negative_binomial(1.0, 1.0 / (1.0 + mu_g), size=(400, 50))  # NB(theta=1): var mu + mu^2
+    smooth = np.tile(np.round(mu_g).astype(int), (400, 1))  # no variation at all
+    assert M.gene_moment_r2(x, noisy)["var_ratio"] > 1.5
+    assert M.gene_moment_r2(x, smooth)["var_ratio"] < 0.05
     bad = M.gene_moment_r2(x, rng.poisson(mu_g[::-1], size=(400, 50)))
     assert bad["mean_r2"] < 0.5
 

@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         except ValueError:
             raise ScldmError(f"--guidance '{item}': expected attribute=weight (e.g. cell_type=2.0)") from None
     out = generate(args.ldm_run, conditions, args.out, guidance=guidance, num_steps=args.steps,
-                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
+                   sampler=args.sampler, diffusion=args.diffusion, seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
                    progress=not args.quiet)
     print(f"wrote {sum(n for _, n in conditions)} cells to {out}")
 
@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-cells", type=int, help="cells per --condition without :N, or total for --match")
     p.add_argument("--guidance", action="append", help="attr=weight (repeatable); 1 = plain conditional")
     p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", choices=["euler", "heun", "adaptive"])
+    p.add_argument("--sampler", choices=["euler", "heun", "adaptive", "sde"])
+    p.add_argument("--diffusion", type=float, help="noise scale of the sde sampler (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--no-ema", action="store_true")

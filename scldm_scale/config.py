@@ -106,6 +106,7 @@ class FlowConfig:
     label_dropout: list[float] = field(default_factory=list)  # per label attribute; empty = 0.1 for all
     sampler: SamplerKind = SamplerKind.HEUN
     num_steps: int = 50
+    sde_diffusion: float = 1.0  # w(t) = sde_diffusion * (1 - t), sampler=sde only
     guidance_mode: GuidanceMode = GuidanceMode.PER_ATTRIBUTE
     guidance: list[float] = field(default_factory=list)  # per label attribute; empty = 1.0 (plain conditional)
 

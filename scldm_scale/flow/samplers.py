@@ -1,14 +1,20 @@
-"""ODE samplers for the flow ``dx/dt = v(x, t)``, integrated from t0 = 0 (noise) to t1 = 1 (data).
+"""Samplers for the flow ``dx/dt = v(x, t)``, integrated from t0 = 0 (noise) to t1 = 1 (data).
 
 - EULER: ``num_steps`` steps, NFE = num_steps.
 - HEUN: ``num_steps`` steps of Heun's 2nd-order method, every step (the last included)
   corrected: NFE = 2 * num_steps (the linear-path velocity is regular at t = 1).
 - ADAPTIVE: embedded Dormand-Prince 5(4) with step-size control (rtol, atol); ``num_steps``
   only sets the initial step size. About 6 NFE per accepted step (FSAL).
+- SDE: Euler-Maruyama on the SDE with the ODE's marginals (SiT's stochastic sampler),
+  ``dx = [v + w(t)/2 * score] dt + sqrt(w(t)) dW`` with ``w(t) = diffusion * (1 - t)`` and the
+  score of the linear path recovered from the velocity, ``score = -(x - t v) / (1 - t)``, so the
+  drift is ``v - diffusion/2 * (x - t v)``. The last step adds no noise. NFE = num_steps.
+  ``diffusion = 0`` is EULER.
 """
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Callable
 
@@ -22,9 +28,10 @@ class SamplerKind(str, Enum):
     EULER = "euler"
     HEUN = "heun"
     ADAPTIVE = "adaptive"
+    SDE = "sde"
 
 
-_NFE_PER_STEP = {SamplerKind.EULER: 1, SamplerKind.HEUN: 2, SamplerKind.ADAPTIVE: 6}
+_NFE_PER_STEP = {SamplerKind.EULER: 1, SamplerKind.HEUN: 2, SamplerKind.ADAPTIVE: 6, SamplerKind.SDE: 1}
 
 
 def nfe_to_steps(nfe: int, kind: SamplerKind) -> int:
@@ -81,6 +88,23 @@ def _integrate_adaptive(
     raise RuntimeError(f"adaptive sampler did not reach t={t1} within {max_steps} steps (rtol={rtol}, atol={atol})")
 
 
+def _integrate_sde(f: VelocityFn, x: Tensor, t0: float, t1: float, num_steps: int, diffusion: float,
+                   generator: torch.Generator | None) -> Tensor:
+    if not t0 < t1:
+        raise ValueError(f"the SDE sampler runs forward in time: t0={t0} must be < t1={t1}")
+    if diffusion < 0:
+        raise ValueError(f"diffusion must be >= 0, got {diffusion}")
+    h = (t1 - t0) / num_steps
+    for i in range(num_steps):
+        t = t0 + i * h
+        v = f(x, _time(x, t))
+        x = x + h * (v - 0.5 * diffusion * (x - t * v))
+        if i < num_steps - 1 and diffusion > 0:
+            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            x = x + math.sqrt(diffusion * (1.0 - t) * h) * noise.to(device=x.device, dtype=x.dtype)
+    return x
+
+
 @torch.no_grad()
 def integrate(
     velocity_fn: VelocityFn,
@@ -91,14 +115,22 @@ def integrate(
     t1: float = 1.0,
     rtol: float = 1e-4,
     atol: float = 1e-4,
+    diffusion: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Integrate ``dx/dt = velocity_fn(x, t_n)`` from ``t0`` to ``t1`` starting at ``x0_nmz``."""
+    """Integrate ``dx/dt = velocity_fn(x, t_n)`` from ``t0`` to ``t1`` starting at ``x0_nmz``.
+
+    ``diffusion`` and ``generator`` (the source of the Brownian increments, drawn on its device)
+    are used by SDE only, which runs forward in time (``t0 < t1``).
+    """
     kind = SamplerKind(kind)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     h = (t1 - t0) / num_steps
     if kind == SamplerKind.ADAPTIVE:
         return _integrate_adaptive(velocity_fn, x0_nmz, t0, t1, h, rtol, atol)
+    if kind == SamplerKind.SDE:
+        return _integrate_sde(velocity_fn, x0_nmz, t0, t1, num_steps, diffusion, generator)
     x = x0_nmz
     for i in range(num_steps):
         t = t0 + i * h

@@ -96,6 +96,7 @@ def generate(
     guidance: dict[str, float] | None = None,
     num_steps: int | None = None,
     sampler: str | None = None,
+    diffusion: float | None = None,
     seed: int = 0,
     batch_size: int = 512,
     use_ema: bool = True,
@@ -132,6 +133,7 @@ def generate(
         raise ScldmError(f"--guidance: unknown attribute(s) {sorted(unknown_attrs)}; the model knows {attributes}")
     steps = int(num_steps or cfg.flow.num_steps)
     kind = SamplerKind(sampler or cfg.flow.sampler)
+    diffusion = float(cfg.flow.sde_diffusion if diffusion is None else diffusion)
     mode = GuidanceMode(cfg.flow.guidance_mode)
 
     labels_na, rows_obs = condition_codes(conditions, labels)
@@ -142,7 +144,8 @@ def generate(
     torch.manual_seed(seed)
     bar = _progress(progress, n_total, "generate")
     counts_ng, latents_nk = sample_counts(dit, vae, labels_na, null_codes, weights_a, mode, steps, kind,
-                                          mean_mz, std_mz, seed=seed, batch_size=batch_size, on_batch=bar.advance)
+                                          mean_mz, std_mz, seed=seed, batch_size=batch_size, on_batch=bar.advance,
+                                          diffusion=diffusion)
     bar.close()
 
     obs = pd.DataFrame(rows_obs, index=[f"gen_{i}" for i in range(n_total)])
@@ -152,7 +155,8 @@ def generate(
     adata.obsm["X_latent"] = latents_nk
     adata.uns["provenance"] = {
         "ldm_run": str(Path(ldm_run).resolve()), "vae_run": str(vae_run), "seed": seed, "num_steps": steps,
-        "sampler": kind.value, "guidance_mode": mode.value, "guidance": dict(zip(attributes, weights_a)),
+        "sampler": kind.value, **({"sde_diffusion": diffusion} if kind == SamplerKind.SDE else {}),
+        "guidance_mode": mode.value, "guidance": dict(zip(attributes, weights_a)),
         "ema": bool(use_ema), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return write_h5ad_atomic(adata, out_path)
@@ -183,11 +187,12 @@ def condition_codes(conditions: list[tuple[dict[str, str], int]], labels, strict
 @torch.no_grad()
 def sample_counts(dit, vae, labels_na: torch.Tensor, null_codes: Sequence[int], weights_a: Sequence[float],
                   mode, num_steps: int, sampler, mean_mz: torch.Tensor, std_mz: torch.Tensor, seed: int = 0,
-                  batch_size: int = 512, on_batch=None):
+                  batch_size: int = 512, on_batch=None, diffusion: float = 1.0):
     """Cells for the label codes ``labels_na``: (integer counts, CSR cells x vocabulary genes; latents, n x m*z).
 
     The one path from the DiT to counts: noise (a CPU generator seeded with ``seed``, so the draws do
-    not depend on the device) -> guided velocity integrated from t=0 to t=1 -> de-standardized
+    not depend on the device; it also drives the SDE sampler's noise, with ``diffusion``) -> guided
+    velocity integrated from t=0 to t=1 -> de-standardized
     latents -> VAE decoder over all genes -> NB draws (``numpy.random.default_rng(seed)``). Both
     models must be in eval mode and on one device; the global RNG is not touched. ``on_batch(n)``
     is called after every batch of ``n`` cells.
@@ -209,7 +214,7 @@ def sample_counts(dit, vae, labels_na: torch.Tensor, null_codes: Sequence[int], 
         n = lab_na.shape[0]
         x0_nmz = torch.randn(n, m, z, generator=generator).to(device)
         velocity = guided_velocity(dit, lab_na, null_codes, weights_a, mode)
-        x1_nmz = integrate(velocity, x0_nmz, num_steps, sampler)  # standardized latents
+        x1_nmz = integrate(velocity, x0_nmz, num_steps, sampler, diffusion=diffusion, generator=generator)  # (n, m, z)
         z_nmz = x1_nmz * std_mz + mean_mz
         dec = vae.decode(z_nmz, genes_g.expand(n, -1))
         mu_ng = torch.softmax(dec["logits_nt"].float(), -1) * dec["log_library_n"].float().exp()[:, None]

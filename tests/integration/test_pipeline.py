@@ -70,6 +70,25 @@ def test_generate_honours_conditions_and_writes_integer_counts(pipeline):
     assert np.array_equal(ad.read_h5ad(out2).X.toarray(), x)
 
 
+def test_generate_sde_sampler_is_seeded_and_recorded(pipeline):
+    def gen(name, *extra):
+        out = pipeline / name
+        cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(out), "--match",
+            str(pipeline / "data" / "heldout.h5ad"), "--n-cells", "16", "--steps", "6", "--quiet", *extra)
+        return ad.read_h5ad(out)
+
+    sde = gen("sde.h5ad", "--sampler", "sde", "--diffusion", "2")
+    assert sde.uns["provenance"]["sampler"] == "sde" and sde.uns["provenance"]["sde_diffusion"] == 2.0
+    again = gen("sde2.h5ad", "--sampler", "sde", "--diffusion", "2")
+    np.testing.assert_array_equal(again.obsm["X_latent"], sde.obsm["X_latent"])
+    euler = gen("euler.h5ad", "--sampler", "euler")
+    assert "sde_diffusion" not in euler.uns["provenance"]
+    # same initial noise: the Brownian increments are what moves the latents away from the ODE path
+    assert not np.allclose(euler.obsm["X_latent"], sde.obsm["X_latent"])
+    np.testing.assert_allclose(gen("sde0.h5ad", "--sampler", "sde", "--diffusion", "0").obsm["X_latent"],
+                               euler.obsm["X_latent"], rtol=1e-5, atol=1e-5)
+
+
 def test_generate_rejects_unknown_condition_value(pipeline):
     proc = cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(pipeline / "bad.h5ad"),
                "--condition", "cell_type=dragon:3", check=False)

@@ -203,11 +203,49 @@ def test_adaptive_is_accurate_to_tolerance():
     torch.testing.assert_close(back, x0, atol=1e-5, rtol=0)
 
 
+def gaussian_flow(mean: float, std: float):
+    """Exact linear-path velocity when the data are N(mean, std^2) per coordinate."""
+
+    def v(x, t_n):
+        t = t_n.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        var_t = t**2 * std**2 + (1 - t) ** 2  # Var(x_t)
+        return mean + (t * std**2 - (1 - t)) / var_t * (x - t * mean)
+
+    return v
+
+
+@pytest.mark.parametrize("diffusion", [0.0, 1.0, 3.0])
+def test_sde_sampler_keeps_the_marginals_and_forgets_the_start(diffusion):
+    v = gaussian_flow(2.0, 0.5)
+    x0 = torch.randn(20000, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = integrate(v, x0, 100, SamplerKind.SDE, diffusion=diffusion, generator=torch.Generator().manual_seed(1))
+    assert abs(out.mean().item() - 2.0) < 0.01
+    assert abs(out.std().item() - 0.5) < 0.01
+    corr = torch.corrcoef(torch.stack([x0.flatten(), out.flatten()]).float())[0, 1].item()
+    # deterministic (= Euler) without diffusion; more diffusion, less memory of the initial noise
+    assert corr > 0.999 if diffusion == 0 else corr < {1.0: 0.7, 3.0: 0.3}[diffusion]
+    if diffusion == 0:
+        torch.testing.assert_close(out, integrate(v, x0, 100, SamplerKind.EULER))
+
+
+def test_sde_sampler_is_reproducible_by_generator_and_validates():
+    v = gaussian_flow(0.0, 1.0)
+    x0 = torch.zeros(4, 3, 2)
+    run = lambda seed: integrate(v, x0, 10, "sde", generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    torch.testing.assert_close(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+    with pytest.raises(ValueError, match="forward in time"):
+        integrate(v, x0, 10, SamplerKind.SDE, t0=1.0, t1=0.0)
+    with pytest.raises(ValueError, match="diffusion must be >= 0"):
+        integrate(v, x0, 10, SamplerKind.SDE, diffusion=-1.0)
+
+
 def test_nfe_to_steps_and_counts():
     assert nfe_to_steps(50, SamplerKind.EULER) == 50
     assert nfe_to_steps(50, SamplerKind.HEUN) == 25
     assert nfe_to_steps(1, "heun") == 1
-    for kind, nfe in [(SamplerKind.EULER, 7), (SamplerKind.HEUN, 14)]:
+    assert nfe_to_steps(50, SamplerKind.SDE) == 50
+    for kind, nfe in [(SamplerKind.EULER, 7), (SamplerKind.HEUN, 14), (SamplerKind.SDE, 7)]:
         calls = []
         integrate(lambda x, t: calls.append(1) or x, torch.zeros(1, 1, 1), 7, kind)
         assert len(calls) == nfe

@@ -9,7 +9,7 @@
 - :mod:`~scldm_scale.eval.report`: :func:`write_report` (PNG / HTML).
 """
 
-from scldm_scale.eval.baselines import independent_genes_baseline, real_vs_real_split
+from scldm_scale.eval.baselines import independent_genes_baseline, label_matched_cells, real_vs_real_split
 from scldm_scale.eval.evaluate import compare, evaluate, format_table
 from scldm_scale.eval.metrics import (
     frechet_distance,
@@ -40,6 +40,7 @@ __all__ = [
     "gene_moment_scores",
     "gene_moments",
     "independent_genes_baseline",
+    "label_matched_cells",
     "knn_label_accuracy",
     "mmd_rbf",
     "nb_nll_per_cell",

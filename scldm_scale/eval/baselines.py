@@ -5,6 +5,9 @@
 - :func:`independent_genes_baseline`: a naive generator that keeps every gene's marginal
   count distribution within each cell type but destroys all gene-gene structure. A model
   must beat it to have learned more than per-cell-type marginals.
+- :func:`label_matched_cells`: real cells (e.g. the training cells) drawn with the requested
+  labels: what a generator that reproduces the training distribution exactly scores against
+  the held-out reference, with the sampling spread of a set that size.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import scipy.sparse as sp
 
 from scldm_scale.errors import ScldmError
 
-__all__ = ["independent_genes_baseline", "real_vs_real_split"]
+__all__ = ["independent_genes_baseline", "label_matched_cells", "real_vs_real_split"]
 
 _CHUNK_CELLS = 1024
 
@@ -59,20 +62,7 @@ def independent_genes_baseline(ref, label_key: str, conditions_obs: pd.DataFrame
     ``conditions_obs`` (same row order, index as strings) and ``var`` = a copy of
     ``ref.var``. Classes are processed in sorted order with ``default_rng(seed)``.
     """
-    import anndata as ad
-
-    if label_key not in ref.obs.columns:
-        raise ScldmError(f"independent_genes_baseline: reference obs has no column {label_key!r}; "
-                         f"pick one of {list(ref.obs.columns)}")
-    if label_key not in conditions_obs.columns:
-        raise ScldmError(f"independent_genes_baseline: conditions_obs has no column {label_key!r}; "
-                         "add the requested labels as that column")
-    ref_lab = ref.obs[label_key].astype(str).to_numpy()
-    req_lab = conditions_obs[label_key].astype(str).to_numpy()
-    missing = sorted(set(req_lab) - set(ref_lab))
-    if missing:
-        raise ScldmError(f"independent_genes_baseline: requested {label_key} value(s) {missing[:5]} "
-                         "have no reference cells; request only labels present in the reference")
+    ref_lab, req_lab = _requested_labels("independent_genes_baseline", ref, label_key, conditions_obs)
     x = ref.X
     x_csr = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
     rng = np.random.default_rng(seed)
@@ -92,11 +82,52 @@ def independent_genes_baseline(ref, label_key: str, conditions_obs: pd.DataFrame
         x_out = x_out[perm]
     else:
         x_out = sp.csr_matrix((0, g), dtype=x_csr.dtype)
+    return _as_generated(x_out, conditions_obs, ref)
+
+
+def label_matched_cells(ref, label_key: str, conditions_obs: pd.DataFrame, seed: int = 0):
+    """One real cell of ``ref`` per row of ``conditions_obs``, with that row's label.
+
+    The cells of each label are drawn without replacement (with replacement only when a label
+    is asked for more cells than ``ref`` has), ``default_rng(seed)``, labels in sorted order.
+    Returns an AnnData like :func:`independent_genes_baseline`'s: the drawn rows of ``ref.X``,
+    ``obs`` = a copy of ``conditions_obs``, ``var`` = a copy of ``ref.var``.
+    """
+    ref_lab, req_lab = _requested_labels("label_matched_cells", ref, label_key, conditions_obs)
+    rng = np.random.default_rng(seed)
+    rows_n = np.empty(len(req_lab), dtype=np.int64)
+    for lab in sorted(set(req_lab)):
+        out_idx = np.flatnonzero(req_lab == lab)
+        pool = np.flatnonzero(ref_lab == lab)
+        rows_n[out_idx] = rng.choice(pool, size=len(out_idx), replace=len(out_idx) > len(pool))
+    x = ref.X
+    x_csr = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
+    return _as_generated(x_csr[rows_n], conditions_obs, ref)
+
+
+def _requested_labels(caller: str, ref, label_key: str, conditions_obs: pd.DataFrame):
+    """(reference labels, requested labels) as string arrays; every requested label must occur in ``ref``."""
+    if label_key not in ref.obs.columns:
+        raise ScldmError(f"{caller}: reference obs has no column {label_key!r}; pick one of {list(ref.obs.columns)}")
+    if label_key not in conditions_obs.columns:
+        raise ScldmError(f"{caller}: conditions_obs has no column {label_key!r}; add the requested labels as that column")
+    ref_lab = ref.obs[label_key].astype(str).to_numpy()
+    req_lab = conditions_obs[label_key].astype(str).to_numpy()
+    missing = sorted(set(req_lab) - set(ref_lab))
+    if missing:
+        raise ScldmError(f"{caller}: requested {label_key} value(s) {missing[:5]} have no reference cells; "
+                         "request only labels present in the reference")
+    return ref_lab, req_lab
+
+
+def _as_generated(x_ng, conditions_obs: pd.DataFrame, ref):
+    import anndata as ad
+
     obs = conditions_obs.copy()
     obs.index = obs.index.astype(str)
     if not obs.index.is_unique:
-        obs.index = pd.Index([str(i) for i in range(n_out)])
-    return ad.AnnData(X=sp.csr_matrix(x_out), obs=obs, var=ref.var.copy())
+        obs.index = pd.Index([str(i) for i in range(len(obs))])
+    return ad.AnnData(X=sp.csr_matrix(x_ng), obs=obs, var=ref.var.copy())
 
 
 def real_vs_real_split(adata, seed: int = 0):

@@ -20,6 +20,7 @@ from scldm_scale.eval import (
     fit_representation,
     format_table,
     independent_genes_baseline,
+    label_matched_cells,
     real_vs_real_split,
     write_report,
 )
@@ -157,6 +158,25 @@ def test_independent_genes_baseline():
         independent_genes_baseline(ref, "cell_type", pd.DataFrame({"cell_type": ["nope"]}))
     with pytest.raises(ScldmError, match="tissue"):
         independent_genes_baseline(ref, "tissue", req)
+
+
+def test_label_matched_cells_are_real_rows_with_the_requested_labels():
+    ref = make_adata(40, seed=5, sparse=True)  # 40 cells per type
+    req = pd.DataFrame({"cell_type": ["T2", "T0", "T0", "T1"] * 8 + ["T0"] * 20})  # T0: 36, T1: 8, T2: 8
+    out = label_matched_cells(ref, "cell_type", req, seed=0)
+    x, xr = out.X.toarray(), ref.X.toarray()
+    np.testing.assert_array_equal(out.obs["cell_type"].astype(str), req["cell_type"])
+    assert list(out.var_names) == list(ref.var_names)
+    ref_rows = {tuple(r): str(t) for r, t in zip(xr, ref.obs["cell_type"])}
+    assert all(ref_rows[tuple(r)] == t for r, t in zip(x, req["cell_type"]))  # each row a ref cell of its label
+    t0 = x[(req["cell_type"] == "T0").to_numpy()]
+    assert len({tuple(r) for r in t0}) == 36  # without replacement while the label has enough cells
+    np.testing.assert_array_equal(label_matched_cells(ref, "cell_type", req, seed=0).X.toarray(), x)
+    assert not np.array_equal(label_matched_cells(ref, "cell_type", req, seed=1).X.toarray(), x)
+    many = label_matched_cells(ref, "cell_type", pd.DataFrame({"cell_type": ["T1"] * 100}), seed=0)
+    assert many.n_obs == 100  # more than the label has: with replacement
+    with pytest.raises(ScldmError, match="label_matched_cells.*no reference cells"):
+        label_matched_cells(ref, "cell_type", pd.DataFrame({"cell_type": ["nope"]}))
 
 
 def test_real_vs_real_split():

@@ -28,10 +28,16 @@ For every dataset (raw integer counts in X, a label column in obs):
    representation on A (normalize total, log1p, HVGs, 30 PCs: the defaults of
    ``scldm-scale evaluate``) and scores every set in it: W2, MMD, FD, 1-NN two-sample accuracy
    (0.5 is ideal) and the accuracy of a kNN label classifier trained on A (``knn_label_acc``).
+5. Seed spread: each generator also samples with generation seeds ``seed+1 ... seed+K-1``
+   (``--gen-seeds K``, default 4) from the same trained models, and a second table gives each
+   metric's mean ± sd over the K sets, with a reference row ``train cells``: training cells drawn
+   with the requested labels (``label_matched_cells``), what a generator reproducing the training
+   distribution exactly would score, spread included.
 
-A table per dataset goes to stdout (progress on stderr); the last line is one JSON object
-``{dataset: {method: {"w2", "mmd", "fd", "nn1", "knn_label_acc"}}}``. Budgets, wall times and the
-full metric dicts are written to ``<out>/results.json``. ``--out DIR`` keeps the work directory
+Tables per dataset go to stdout (progress on stderr); the last line is one JSON object
+``{dataset: {method: {"w2", "mmd", "fd", "nn1", "knn_label_acc"}}}`` (the first generation seed's
+figures). Budgets, wall times, the full metric dicts and the seed spread are written to
+``<out>/results.json``. ``--out DIR`` keeps the work directory
 (finished stages are reused by a re-run with the same settings); without it a temporary directory
 is used and removed.
 """
@@ -58,6 +64,7 @@ sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_DATASETS = ("pbmc3k", "paul15")
 METHODS = ("ours", "scvi", "independent", "real")
+TRAIN_CELLS = "train cells"  # reference row of the seed-spread table: training cells with the requested labels
 METRICS = {"w2": "w2", "mmd": "mmd", "fd": "fd", "nn1": "nn1"}  # JSON key -> compare() key
 VAE_RECIPES = ["recipes/quickstart.yaml", "recipes/bench_generation.yaml"]
 LDM_RECIPES = [*VAE_RECIPES, "recipes/quickstart_ldm.yaml", "recipes/bench_generation_ldm.yaml"]
@@ -193,9 +200,15 @@ def _cli(nproc: int, args: list[str]) -> list[str]:
     return torchrun(nproc, args)
 
 
+def generated_path(work: Path, method: str, gen_seed: int, seed: int) -> Path:
+    """Where a method's cells for generation seed ``gen_seed`` are kept (the main seed's without a suffix)."""
+    return work / (f"generated_{method}.h5ad" if gen_seed == seed else f"generated_{method}_seed{gen_seed}.h5ad")
+
+
 def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_steps, conditions,
-             seed: int) -> tuple[object, dict]:
-    """prepare -> train VAE -> encode -> train DiT -> generate, through the CLI; returns (AnnData, info)."""
+             seed: int, gen_seeds: list[int]) -> tuple[list, dict]:
+    """prepare -> train VAE -> encode -> train DiT -> generate (once per seed in ``gen_seeds``, the
+    first being ``seed``), through the CLI; returns ([AnnData per generation seed], info)."""
     import anndata as ad
 
     from scldm_scale.tasks.generate import generate
@@ -230,12 +243,15 @@ def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_st
         times[name] = round(time.perf_counter() - t0, 1)
         times_file.write_text(json.dumps(times))
         log(f"ours: {name}: {times[name]:.0f} s")
-    out = work / "generated_ours.h5ad"
-    if not out.is_file():
+    for gen_seed in gen_seeds:
+        out = generated_path(work, "ours", gen_seed, seed)
+        if out.is_file():
+            continue
         t0 = time.perf_counter()
-        generate(str(work / "ldm"), conditions, str(out), seed=seed, progress=False)
-        times["generate"] = round(time.perf_counter() - t0, 1)
-        times_file.write_text(json.dumps(times))
+        generate(str(work / "ldm"), conditions, str(out), seed=gen_seed, progress=False)
+        if gen_seed == seed:  # the budget counts one generation
+            times["generate"] = round(time.perf_counter() - t0, 1)
+            times_file.write_text(json.dumps(times))
     from omegaconf import OmegaConf
 
     cfg_vae = OmegaConf.load(work / "vae" / "config.yaml")
@@ -243,30 +259,35 @@ def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_st
     info = {"vae_steps": int(cfg_vae.train.max_steps), "ldm_steps": int(cfg_ldm.train.max_steps),
             "vae_global_batch": int(cfg_vae.data.batch_size) * nproc,
             "ldm_global_batch": int(cfg_ldm.data.batch_size) * nproc, "nproc": nproc, "seconds": times}
-    return ad.read_h5ad(out), info
+    return [ad.read_h5ad(generated_path(work, "ours", s, seed)) for s in gen_seeds], info
 
 
-def run_scvi(work: Path, train, label: str, conditions_obs, epochs, seed: int, threads: int) -> tuple[object, dict]:
-    """Train scVI and generate; the cells and the budget are kept in ``work`` and reused by a re-run."""
+def run_scvi(work: Path, train, label: str, conditions_obs, epochs, seed: int, threads: int,
+             gen_seeds: list[int]) -> tuple[list, dict]:
+    """Train scVI and generate once per seed in ``gen_seeds`` (the first being ``seed``); the cells
+    and the budget are kept in ``work`` and reused by a re-run."""
     import anndata as ad
 
     from scldm_scale.eval.scvi_baseline import train_scvi
 
-    out, info_file = work / "generated_scvi.h5ad", work / "scvi.json"
-    if out.is_file() and info_file.is_file():
-        log(f"scvi: done ({out})")
-        return ad.read_h5ad(out), json.loads(info_file.read_text())
+    outs, info_file = [generated_path(work, "scvi", s, seed) for s in gen_seeds], work / "scvi.json"
+    if all(out.is_file() for out in outs) and info_file.is_file():
+        log(f"scvi: done ({outs[0]})")
+        return [ad.read_h5ad(out) for out in outs], json.loads(info_file.read_text())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = train_scvi(train, label, max_epochs=epochs, seed=seed, threads=threads)
         t0 = time.perf_counter()
-        gen = model.generate(conditions_obs, seed=seed)
+        gens = [model.generate(conditions_obs, seed=seed)]
+        seconds = round(time.perf_counter() - t0, 1)  # the budget counts one generation
+        gens += [model.generate(conditions_obs, seed=s) for s in gen_seeds[1:]]
     info = {"epochs": model.epochs, "batch_size": 128, "threads": threads,
-            "seconds": {"train": round(model.train_seconds, 1), "generate": round(time.perf_counter() - t0, 1)}}
+            "seconds": {"train": round(model.train_seconds, 1), "generate": seconds}}
     info["wall_s"] = round(sum(info["seconds"].values()), 1)
-    gen.write_h5ad(out)
+    for gen, out in zip(gens, outs):
+        gen.write_h5ad(out)
     info_file.write_text(json.dumps(info))
-    return gen, info
+    return gens, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +304,7 @@ def conditions_frame(conditions, label: str):
 def bench_dataset(name: str, path: Path, label: str, root: Path, args, budget) -> dict:
     import anndata as ad
 
-    from scldm_scale.eval.baselines import independent_genes_baseline, real_vs_real_split
+    from scldm_scale.eval.baselines import independent_genes_baseline, label_matched_cells, real_vs_real_split
     from scldm_scale.eval.evaluate import compare
     from scldm_scale.tasks.generate import conditions_matching
 
@@ -310,29 +331,53 @@ def bench_dataset(name: str, path: Path, label: str, root: Path, args, budget) -
     conditions = conditions_matching(str(work / "heldout.h5ad"), [label], n_cells=real_b.n_obs)
     cond_obs = conditions_frame(conditions, label)
 
-    candidates, info = {}, {}
+    gen_seeds = [args.seed + k for k in range(args.gen_seeds)]
+    draws, info = {}, {}  # method -> one generated AnnData per generation seed
     if "ours" in args.methods:
         log(f"{name}: ours (VAE + latent DiT through the CLI, {args.nproc} ranks)")
-        t0 = time.perf_counter()
-        candidates["ours"], info["ours"] = run_ours(work, label, train.n_obs, args.nproc, vae_steps, ldm_steps,
-                                                    conditions, args.seed)
+        draws["ours"], info["ours"] = run_ours(work, label, train.n_obs, args.nproc, vae_steps, ldm_steps,
+                                               conditions, args.seed, gen_seeds)
         info["ours"]["wall_s"] = round(sum(info["ours"]["seconds"].values()), 1)
     if "scvi" in args.methods:
         log(f"{name}: scVI")
-        candidates["scvi"], info["scvi"] = run_scvi(work, train, label, cond_obs, scvi_epochs, args.seed,
-                                                    args.scvi_threads)
+        draws["scvi"], info["scvi"] = run_scvi(work, train, label, cond_obs, scvi_epochs, args.seed,
+                                               args.scvi_threads, gen_seeds)
     if "independent" in args.methods:
-        candidates["independent"] = independent_genes_baseline(train, label, cond_obs, seed=args.seed)
+        draws["independent"] = [independent_genes_baseline(train, label, cond_obs, seed=s) for s in gen_seeds]
     if "real" in args.methods:
-        candidates["real"] = real_b
-    log(f"{name}: evaluate {list(candidates)} against {reference.n_obs} held-out reference cells")
+        draws["real"] = [real_b]
+    if len(gen_seeds) > 1:
+        draws[TRAIN_CELLS] = [label_matched_cells(train, label, cond_obs, seed=s) for s in gen_seeds]
+    candidates = {_draw_key(m, k): gen for m, gens in draws.items() for k, gen in enumerate(gens)}
+    log(f"{name}: evaluate {list(draws)} ({len(candidates)} sets) against {reference.n_obs} held-out reference cells")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        results = compare(reference, candidates, label_keys=[label], n_pcs=N_PCS, n_hvg=EVAL_HVG,
-                          seed=args.seed, per_condition=False)
+        scored = compare(reference, candidates, label_keys=[label], n_pcs=N_PCS, n_hvg=EVAL_HVG,
+                         seed=args.seed, per_condition=False)
+    results = {m: scored[m] for m in METHODS if m in draws}  # the first generation seed
+    spread = {m: seed_spread([scored[_draw_key(m, k)] for k in range(len(gens))], label)
+              for m, gens in draws.items() if len(gens) > 1}
     out = {"data": data_info, "n_reference": reference.n_obs, "n_generated": real_b.n_obs, "methods": info,
-           "metrics": results, "wall_s": round(time.perf_counter() - t_start, 1)}
+           "metrics": results, "gen_seeds": gen_seeds, "seed_spread": spread,
+           "wall_s": round(time.perf_counter() - t_start, 1)}
     (work / "results.json").write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
+def _draw_key(method: str, k: int) -> str:
+    return method if k == 0 and method in METHODS else f"{method}@{k}"
+
+
+def seed_spread(scores: list[dict], label: str) -> dict:
+    """``{metric: {"mean", "sd", "values"}}`` of a method's results over its generation seeds."""
+    import numpy as np
+
+    out = {}
+    for key, src in {**METRICS, "knn_label_acc": f"knn_acc/{label}", "var_ratio": "var_ratio"}.items():
+        values = [float(r[src]) for r in scores if r.get(src) is not None]
+        if values:
+            out[key] = {"mean": _num(np.mean(values)), "sd": _num(np.std(values, ddof=1) if len(values) > 1 else 0.0),
+                        "values": [_num(v) for v in values]}
     return out
 
 
@@ -381,6 +426,18 @@ def format_tables(results: dict, short: dict) -> str:
             var_ratio = _num(res["metrics"][method].get("var_ratio"))
             lines.append(f"{method:<12} {f(row['w2'], '8.3f')} {f(row['mmd'], '9.4f')} {f(row['fd'], '9.2f')} "
                          f"{f(row['nn1'], '6.3f')} {f(row['knn_label_acc'], '9.3f')} {f(var_ratio, '9.3f')}  {budget}")
+        spread = res.get("seed_spread") or {}
+        if spread:
+            seeds = res["gen_seeds"]
+            lines.append(f"\nover generation seeds {seeds[0]}-{seeds[-1]} of the same trained models, mean ± sd "
+                         f"('{TRAIN_CELLS}': training cells drawn with the requested labels, one draw per seed)")
+            specs = {"w2": ".3f", "mmd": ".4f", "fd": ".2f", "nn1": ".3f", "knn_label_acc": ".3f", "var_ratio": ".3f"}
+            lines.append(f"{'method':<12} " + " ".join(f"{h:>17}" for h in
+                                                       ("W2", "MMD", "FD", "1-NN", "kNN label", "var ratio")))
+            for method, row in spread.items():
+                cells = [f"{format(row[k]['mean'], sp)} ± {format(row[k]['sd'], sp)}" if k in row else "-"
+                         for k, sp in specs.items()]
+                lines.append(f"{method:<12} " + " ".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
 
 
@@ -394,7 +451,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="work directory to keep (default: a temporary one, removed)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1), help="training ranks (torchrun)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="split seed and first generation seed")
+    p.add_argument("--gen-seeds", type=int, default=4,
+                   help="generation seeds per trained model (seed, seed+1, ...): the table's figures are the "
+                        "first seed's, a second table gives mean ± sd over all (1 = no second table)")
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--n-hvg", type=int, default=2000, help="genes kept (HVGs of the training split); 0 = all")
     p.add_argument("--vae-steps", type=int, help="override the VAE steps of the budget")
@@ -403,6 +463,8 @@ def main(argv=None) -> int:
     p.add_argument("--scvi-threads", type=int, default=1,
                    help="torch threads for scVI training (1: fastest on a shared 2-core machine; 0 = torch's default)")
     args = p.parse_args(argv)
+    if args.gen_seeds < 1:
+        p.error("--gen-seeds must be >= 1")
 
     from scldm_scale.errors import ScldmError
 

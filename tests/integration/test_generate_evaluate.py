@@ -184,7 +184,7 @@ def test_benchmark_runs_on_any_file_and_ends_with_the_json_line(tmp_path):
         methods.insert(0, "scvi")
         extra = ["--scvi-epochs", "1"]
     proc = subprocess.run([sys.executable, "benchmarks/generation.py", "--data", str(data), "--label", "cell_type",
-                           "--quick", "--methods", *methods, *extra, "--n-hvg", "50"],
+                           "--quick", "--methods", *methods, *extra, "--n-hvg", "50", "--gen-seeds", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -196,6 +196,12 @@ def test_benchmark_runs_on_any_file_and_ends_with_the_json_line(tmp_path):
         assert all(np.isfinite(v) for v in row.values())
         assert 0.0 <= row["knn_label_acc"] <= 1.0 and 0.0 <= row["nn1"] <= 1.0
     assert "tinyset:" in proc.stdout and "wall time of this invocation" in proc.stdout
+    # the second table: mean ± sd over generation seeds 0 and 1, with the training cells as a reference row
+    table = proc.stdout.split("over generation seeds 0-1", 1)[1].splitlines()
+    rows = {line.split("  ")[0].strip(): line for line in table[2:] if "±" in line}
+    assert set(rows) == {*[m for m in methods if m != "real"], "train cells"}
+    fd_mean = float(rows["independent"].split()[7])  # name, W2 ± sd, MMD ± sd, FD mean
+    assert np.isfinite(fd_mean) and fd_mean > 0
 
 
 def test_benchmark_missing_file_is_an_error(tmp_path):

@@ -99,8 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         except ValueError:
             raise ScldmError(f"--guidance '{item}': expected attribute=weight (e.g. cell_type=2.0)") from None
     out = generate(args.ldm_run, conditions, args.out, guidance=guidance, num_steps=args.steps,
-                   sampler=args.sampler, diffusion=args.diffusion, seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
-                   progress=not args.quiet)
+                   sampler=args.sampler, diffusion=args.diffusion, seed=args.seed, batch_size=args.batch_size,
+                   use_ema=not args.no_ema, progress=not args.quiet)
     print(f"wrote {sum(n for _, n in conditions)} cells to {out}")
 
 

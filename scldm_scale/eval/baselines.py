@@ -63,8 +63,7 @@ def independent_genes_baseline(ref, label_key: str, conditions_obs: pd.DataFrame
     ``ref.var``. Classes are processed in sorted order with ``default_rng(seed)``.
     """
     ref_lab, req_lab = _requested_labels("independent_genes_baseline", ref, label_key, conditions_obs)
-    x = ref.X
-    x_csr = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
+    x_csr = _csr(ref.X)
     rng = np.random.default_rng(seed)
     n_out, g = len(req_lab), ref.n_vars
     rows = []
@@ -100,9 +99,11 @@ def label_matched_cells(ref, label_key: str, conditions_obs: pd.DataFrame, seed:
         out_idx = np.flatnonzero(req_lab == lab)
         pool = np.flatnonzero(ref_lab == lab)
         rows_n[out_idx] = rng.choice(pool, size=len(out_idx), replace=len(out_idx) > len(pool))
-    x = ref.X
-    x_csr = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
-    return _as_generated(x_csr[rows_n], conditions_obs, ref)
+    return _as_generated(_csr(ref.X)[rows_n], conditions_obs, ref)
+
+
+def _csr(x) -> sp.csr_matrix:
+    return x.tocsr() if sp.issparse(x) else sp.csr_matrix(x)
 
 
 def _requested_labels(caller: str, ref, label_key: str, conditions_obs: pd.DataFrame):

@@ -133,6 +133,9 @@ def generate(
         raise ScldmError(f"--guidance: unknown attribute(s) {sorted(unknown_attrs)}; the model knows {attributes}")
     steps = int(num_steps or cfg.flow.num_steps)
     kind = SamplerKind(sampler or cfg.flow.sampler)
+    if diffusion is not None and kind != SamplerKind.SDE:
+        raise ScldmError(f"--diffusion sets the noise of the sde sampler; the sampler is {kind.value} "
+                         "(add --sampler sde)")
     diffusion = float(cfg.flow.sde_diffusion if diffusion is None else diffusion)
     mode = GuidanceMode(cfg.flow.guidance_mode)
 

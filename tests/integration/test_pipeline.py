@@ -87,6 +87,11 @@ def test_generate_sde_sampler_is_seeded_and_recorded(pipeline):
     assert not np.allclose(euler.obsm["X_latent"], sde.obsm["X_latent"])
     np.testing.assert_allclose(gen("sde0.h5ad", "--sampler", "sde", "--diffusion", "0").obsm["X_latent"],
                                euler.obsm["X_latent"], rtol=1e-5, atol=1e-5)
+    proc = cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(pipeline / "bad_sde.h5ad"),
+               "--condition", "cell_type=" + str(sde.obs["cell_type"].iloc[0]) + ":2", "--sampler", "heun",
+               "--diffusion", "1", check=False)
+    assert proc.returncode == 2 and "--sampler sde" in proc.stderr
+    assert not (pipeline / "bad_sde.h5ad").exists()
 
 
 def test_generate_rejects_unknown_condition_value(pipeline):

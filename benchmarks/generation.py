@@ -66,6 +66,10 @@ DEFAULT_DATASETS = ("pbmc3k", "paul15")
 METHODS = ("ours", "scvi", "independent", "real")
 TRAIN_CELLS = "train cells"  # reference row of the seed-spread table: training cells with the requested labels
 METRICS = {"w2": "w2", "mmd": "mmd", "fd": "fd", "nn1": "nn1"}  # JSON key -> compare() key
+JSON_KEYS = (*METRICS, "knn_label_acc")  # per method in the JSON line
+# table columns: key -> (header, format, width in the seed-0 table); var_ratio is in the tables only
+COLUMNS = {"w2": ("W2", ".3f", 8), "mmd": ("MMD", ".4f", 9), "fd": ("FD", ".2f", 9), "nn1": ("1-NN", ".3f", 6),
+           "knn_label_acc": ("kNN label", ".3f", 9), "var_ratio": ("var ratio", ".3f", 9)}
 VAE_RECIPES = ["recipes/quickstart.yaml", "recipes/bench_generation.yaml"]
 LDM_RECIPES = [*VAE_RECIPES, "recipes/quickstart_ldm.yaml", "recipes/bench_generation_ldm.yaml"]
 
@@ -373,8 +377,9 @@ def seed_spread(scores: list[dict], label: str) -> dict:
     import numpy as np
 
     out = {}
-    for key, src in {**METRICS, "knn_label_acc": f"knn_acc/{label}", "var_ratio": "var_ratio"}.items():
-        values = [float(r[src]) for r in scores if r.get(src) is not None]
+    rows = [metric_values(r, label) for r in scores]
+    for key in COLUMNS:
+        values = [row[key] for row in rows if row[key] is not None]
         if values:
             out[key] = {"mean": _num(np.mean(values)), "sd": _num(np.std(values, ddof=1) if len(values) > 1 else 0.0),
                         "values": [_num(v) for v in values]}
@@ -385,7 +390,16 @@ def seed_spread(scores: list[dict], label: str) -> dict:
 # output
 
 
+def metric_values(result: dict, label: str) -> dict:
+    """The table's figures (``COLUMNS`` keys) from one ``compare`` result; None where missing."""
+    values = {k: _num(result.get(src)) for k, src in METRICS.items()}
+    values["knn_label_acc"] = _num(result.get(f"knn_acc/{label}"))
+    values["var_ratio"] = _num(result.get("var_ratio"))
+    return values
+
+
 def summary(results: dict, label_of: dict) -> dict:
+    """The JSON line: ``{dataset: {method: {JSON_KEYS}}}`` for the first generation seed."""
     out = {}
     for ds, res in results.items():
         out[ds] = {}
@@ -393,9 +407,8 @@ def summary(results: dict, label_of: dict) -> dict:
             m = res["metrics"].get(method)
             if m is None:
                 continue
-            row = {k: _num(m.get(v)) for k, v in METRICS.items()}
-            row["knn_label_acc"] = _num(m.get(f"knn_acc/{label_of[ds]}"))
-            out[ds][method] = row
+            values = metric_values(m, label_of[ds])
+            out[ds][method] = {k: values[k] for k in JSON_KEYS}
     return out
 
 
@@ -406,15 +419,18 @@ def _num(v):
     return round(v, 6) if math.isfinite(v) else None
 
 
-def format_tables(results: dict, short: dict) -> str:
+def format_tables(results: dict, label_of: dict) -> str:
     lines = []
     for ds, res in results.items():
         d = res["data"]
         lines.append(f"\n{ds}: {d['n_train']} training / {d['n_heldout']} held-out cells x {d['n_genes']} genes, "
                      f"{d['labels']} labels; reference = {res['n_reference']} held-out cells, "
                      f"{res['n_generated']} cells per method; {N_PCS} PCs")
-        lines.append(f"{'method':<12} {'W2':>8} {'MMD':>9} {'FD':>9} {'1-NN':>6} {'kNN label':>9} {'var ratio':>9}  budget")
-        for method, row in short[ds].items():
+        lines.append(f"{'method':<12} " + " ".join(f"{h:>{w}}" for h, _, w in COLUMNS.values()) + "  budget")
+        for method in METHODS:
+            if method not in res["metrics"]:
+                continue
+            row = metric_values(res["metrics"][method], label_of[ds])
             budget = ""
             mi = res["methods"].get(method)
             if method == "ours" and mi:
@@ -422,21 +438,18 @@ def format_tables(results: dict, short: dict) -> str:
                           f"{mi['ldm_global_batch']}, {mi['wall_s']:.0f} s")
             elif method == "scvi" and mi:
                 budget = f"{mi['epochs']} epochs x batch {mi['batch_size']}, {mi['wall_s']:.0f} s"
-            f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-            var_ratio = _num(res["metrics"][method].get("var_ratio"))
-            lines.append(f"{method:<12} {f(row['w2'], '8.3f')} {f(row['mmd'], '9.4f')} {f(row['fd'], '9.2f')} "
-                         f"{f(row['nn1'], '6.3f')} {f(row['knn_label_acc'], '9.3f')} {f(var_ratio, '9.3f')}  {budget}")
+            cells = [format("-" if row[k] is None else format(row[k], spec), f">{w}")
+                     for k, (_, spec, w) in COLUMNS.items()]
+            lines.append(f"{method:<12} " + " ".join(cells) + f"  {budget}")
         spread = res.get("seed_spread") or {}
         if spread:
             seeds = res["gen_seeds"]
             lines.append(f"\nover generation seeds {seeds[0]}-{seeds[-1]} of the same trained models, mean ± sd "
                          f"('{TRAIN_CELLS}': training cells drawn with the requested labels, one draw per seed)")
-            specs = {"w2": ".3f", "mmd": ".4f", "fd": ".2f", "nn1": ".3f", "knn_label_acc": ".3f", "var_ratio": ".3f"}
-            lines.append(f"{'method':<12} " + " ".join(f"{h:>17}" for h in
-                                                       ("W2", "MMD", "FD", "1-NN", "kNN label", "var ratio")))
+            lines.append(f"{'method':<12} " + " ".join(f"{h:>17}" for h, _, _ in COLUMNS.values()))
             for method, row in spread.items():
                 cells = [f"{format(row[k]['mean'], sp)} ± {format(row[k]['sd'], sp)}" if k in row else "-"
-                         for k, sp in specs.items()]
+                         for k, (_, sp, _) in COLUMNS.items()]
                 lines.append(f"{method:<12} " + " ".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
 
@@ -506,7 +519,7 @@ def main(argv=None) -> int:
     if args.out is not None:
         (root / "results.json").write_text(json.dumps({"budget": budget, "quick": args.quick, "wall_s": wall,
                                                        "datasets": results}, indent=1, default=float))
-    print(format_tables(results, short))
+    print(format_tables(results, {ds: args.label for ds in results}))
     print(f"\nwall time of this invocation {wall:.0f} s (stages reused from --out are not counted) "
           f"on {os.cpu_count()} CPU cores ({'--quick' if args.quick else 'full'} budget)")
     print(json.dumps(short))

@@ -190,7 +190,7 @@ def condition_codes(conditions: list[tuple[dict[str, str], int]], labels, strict
 @torch.no_grad()
 def sample_counts(dit, vae, labels_na: torch.Tensor, null_codes: Sequence[int], weights_a: Sequence[float],
                   mode, num_steps: int, sampler, mean_mz: torch.Tensor, std_mz: torch.Tensor, seed: int = 0,
-                  batch_size: int = 512, on_batch=None, diffusion: float = 1.0):
+                  batch_size: int = 512, on_batch=None, *, diffusion: float):
     """Cells for the label codes ``labels_na``: (integer counts, CSR cells x vocabulary genes; latents, n x m*z).
 
     The one path from the DiT to counts: noise (a CPU generator seeded with ``seed``, so the draws do
@@ -217,7 +217,8 @@ def sample_counts(dit, vae, labels_na: torch.Tensor, null_codes: Sequence[int], 
         n = lab_na.shape[0]
         x0_nmz = torch.randn(n, m, z, generator=generator).to(device)
         velocity = guided_velocity(dit, lab_na, null_codes, weights_a, mode)
-        x1_nmz = integrate(velocity, x0_nmz, num_steps, sampler, diffusion=diffusion, generator=generator)  # (n, m, z)
+        x1_nmz = integrate(velocity, x0_nmz, num_steps, sampler, diffusion=diffusion,
+                           generator=generator)  # (n, m, z) standardized latents
         z_nmz = x1_nmz * std_mz + mean_mz
         dec = vae.decode(z_nmz, genes_g.expand(n, -1))
         mu_ng = torch.softmax(dec["logits_nt"].float(), -1) * dec["log_library_n"].float().exp()[:, None]

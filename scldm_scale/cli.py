@@ -99,7 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         except ValueError:
             raise ScldmError(f"--guidance '{item}': expected attribute=weight (e.g. cell_type=2.0)") from None
     out = generate(args.ldm_run, conditions, args.out, guidance=guidance, num_steps=args.steps,
-                   sampler=args.sampler, diffusion=args.diffusion, seed=args.seed, batch_size=args.batch_size,
+                   sampler=args.sampler, diffusion=args.diffusion, guidance_interval=args.guidance_interval,
+                   seed=args.seed, batch_size=args.batch_size,
                    use_ema=not args.no_ema, progress=not args.quiet)
     print(f"wrote {sum(n for _, n in conditions)} cells to {out}")
 
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", help="reproduce the label distribution of this reference .h5ad")
     p.add_argument("--n-cells", type=int, help="cells per --condition without :N, or total for --match")
     p.add_argument("--guidance", action="append", help="attr=weight (repeatable); 1 = plain conditional")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at flow times LO <= t <= HI (t=0 noise, t=1 data; default: the recipe's)")
     p.add_argument("--steps", type=int)
     p.add_argument("--sampler", choices=["euler", "heun", "adaptive", "sde"])
     p.add_argument("--diffusion", type=float, help="noise scale of the sde sampler (default: the recipe's)")

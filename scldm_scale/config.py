@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from scldm_scale.data.config import DataConfig
 from scldm_scale.errors import ScldmError
-from scldm_scale.flow.guidance import GuidanceMode
+from scldm_scale.flow.guidance import GuidanceMode, check_interval
 from scldm_scale.flow.interpolant import TimeSampling
 from scldm_scale.flow.samplers import SamplerKind
 from scldm_scale.nn.dit import DIT_PRESETS, DiTConfig
@@ -109,6 +109,8 @@ class FlowConfig:
     sde_diffusion: float = 1.0  # w(t) = sde_diffusion * (1 - t), sampler=sde only
     guidance_mode: GuidanceMode = GuidanceMode.PER_ATTRIBUTE
     guidance: list[float] = field(default_factory=list)  # per label attribute; empty = 1.0 (plain conditional)
+    # flow times (t=0 noise, t=1 data) where guidance applies; the plain conditional elsewhere
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
 @dataclass
@@ -275,6 +277,10 @@ def derive(cfg: DictConfig, *, n_genes: int | None = None, label_cardinalities: 
                     f"flow.{key} has {len(values)} values but data.label_columns has {n_attr}; give one per label column"
                 )
             cfg.flow[key] = values
+        try:
+            check_interval(cfg.flow.guidance_interval)
+        except ValueError as err:
+            raise ScldmError(f"flow.guidance_interval: {err}; e.g. flow.guidance_interval=[0.3,0.8]") from None
     if vae is not None:
         cfg.vae = OmegaConf.merge(cfg.vae, OmegaConf.structured(vae))
         cfg.dit.n_tokens = vae.n_latent_tokens

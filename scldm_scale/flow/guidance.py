@@ -8,6 +8,13 @@ variants it needs are evaluated in one batched forward.
   uncond nulls every attribute). w = 1 is the conditional, w = 0 the unconditional model.
 - PER_ATTRIBUTE (additive): ``v = v_full + sum_a (w_a - 1) * (v_full - v_{full, a nulled})``.
   w_a = 1 leaves attribute a unguided; w_a = 0 removes its influence (to first order).
+
+Guidance interval: ``interval = (lo, hi)`` applies guidance only at flow times ``lo <= t <= hi``
+(t=0 noise, t=1 data) and the plain conditional velocity elsewhere (Kynkaanniemi et al. 2024,
+"Applying guidance in a limited interval improves sample and distribution quality in diffusion
+models"). Guidance near the noise end pulls every trajectory of a label toward the same few
+modes and narrows the label's distribution; near the data end it barely moves the cell. The
+default (0, 1) guides everywhere.
 """
 
 from __future__ import annotations
@@ -45,15 +52,26 @@ def drop_labels(
     return torch.where(u_na < probs_a, null_a.expand(n, a), labels_na)
 
 
+def check_interval(interval: Sequence[float]) -> tuple[float, float]:
+    """``(lo, hi)`` as floats with ``0 <= lo <= hi <= 1``; ValueError otherwise."""
+    values = [float(v) for v in interval]
+    if len(values) != 2 or not 0.0 <= values[0] <= values[1] <= 1.0:
+        raise ValueError(f"guidance interval must be two flow times 0 <= lo <= hi <= 1 (t=0 noise, t=1 data), "
+                         f"got {list(interval)}")
+    return values[0], values[1]
+
+
 def guided_velocity(
     model: Callable[[Tensor, Tensor, Tensor], Tensor],
     labels_na: Tensor,
     null_codes_a: Sequence[int],
     weights_a: Sequence[float],
     mode: GuidanceMode,
+    interval: Sequence[float] = (0.0, 1.0),
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Closure ``(x_nmz, t_n) -> v_nmz`` applying CFG to ``model(x, t, labels)`` (see module doc)."""
     mode = GuidanceMode(mode)
+    lo, hi = check_interval(interval)
     n, a = labels_na.shape
     null_a = torch.tensor(list(null_codes_a), dtype=labels_na.dtype, device=labels_na.device)
     if len(null_codes_a) != a:
@@ -85,15 +103,19 @@ def guided_velocity(
     k = len(variants)
 
     def velocity(x_nmz: Tensor, t_n: Tensor) -> Tensor:
+        inside_n = (t_n >= lo) & (t_n <= hi)
+        if not bool(inside_n.any()):
+            return model(x_nmz, t_n, labels_na)
         x_all = x_nmz.repeat(k, *([1] * (x_nmz.dim() - 1)))  # (k*n, m, z)
         v_all = model(x_all, t_n.repeat(k), labels_all)  # (k*n, m, z)
         v_full, *v_rest = v_all.chunk(k, dim=0)
         if mode == GuidanceMode.JOINT:
             (v_uncond,) = v_rest
-            return v_uncond + coefs[0] * (v_full - v_uncond)
-        v = v_full
-        for c, v_dropped in zip(coefs, v_rest):
-            v = v + c * (v_full - v_dropped)
-        return v
+            v = v_uncond + coefs[0] * (v_full - v_uncond)
+        else:
+            v = v_full
+            for c, v_dropped in zip(coefs, v_rest):
+                v = v + c * (v_full - v_dropped)
+        return torch.where(inside_n.view(-1, *([1] * (v.dim() - 1))), v, v_full)
 
     return velocity

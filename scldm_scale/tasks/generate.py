@@ -97,6 +97,7 @@ def generate(
     num_steps: int | None = None,
     sampler: str | None = None,
     diffusion: float | None = None,
+    guidance_interval: Sequence[float] | None = None,
     seed: int = 0,
     batch_size: int = 512,
     use_ema: bool = True,
@@ -106,7 +107,7 @@ def generate(
 
     from scldm_scale.data.labels import LabelTables
     from scldm_scale.data.vocab import GeneVocab
-    from scldm_scale.flow.guidance import GuidanceMode
+    from scldm_scale.flow.guidance import GuidanceMode, check_interval
     from scldm_scale.flow.samplers import SamplerKind
     from scldm_scale.nn.dit import DiT, DiTConfig
     from scldm_scale.train.export import export_path, load_export, read_export_json
@@ -138,6 +139,11 @@ def generate(
                          "(add --sampler sde)")
     diffusion = float(cfg.flow.sde_diffusion if diffusion is None else diffusion)
     mode = GuidanceMode(cfg.flow.guidance_mode)
+    try:
+        interval = check_interval(cfg.flow.guidance_interval if guidance_interval is None else guidance_interval)
+    except ValueError as err:
+        where = "--guidance-interval" if guidance_interval is not None else f"flow.guidance_interval of {ldm_run}"
+        raise ScldmError(f"{where}: {err}") from None
 
     labels_na, rows_obs = condition_codes(conditions, labels)
     n_total = labels_na.shape[0]
@@ -148,7 +154,7 @@ def generate(
     bar = _progress(progress, n_total, "generate")
     counts_ng, latents_nk = sample_counts(dit, vae, labels_na, null_codes, weights_a, mode, steps, kind,
                                           mean_mz, std_mz, seed=seed, batch_size=batch_size, on_batch=bar.advance,
-                                          diffusion=diffusion)
+                                          diffusion=diffusion, guidance_interval=interval)
     bar.close()
 
     obs = pd.DataFrame(rows_obs, index=[f"gen_{i}" for i in range(n_total)])
@@ -160,6 +166,7 @@ def generate(
         "ldm_run": str(Path(ldm_run).resolve()), "vae_run": str(vae_run), "seed": seed, "num_steps": steps,
         "sampler": kind.value, **({"sde_diffusion": diffusion} if kind == SamplerKind.SDE else {}),
         "guidance_mode": mode.value, "guidance": dict(zip(attributes, weights_a)),
+        "guidance_interval": list(interval),
         "ema": bool(use_ema), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return write_h5ad_atomic(adata, out_path)
@@ -190,12 +197,13 @@ def condition_codes(conditions: list[tuple[dict[str, str], int]], labels, strict
 @torch.no_grad()
 def sample_counts(dit, vae, labels_na: torch.Tensor, null_codes: Sequence[int], weights_a: Sequence[float],
                   mode, num_steps: int, sampler, mean_mz: torch.Tensor, std_mz: torch.Tensor, seed: int = 0,
-                  batch_size: int = 512, on_batch=None, *, diffusion: float):
+                  batch_size: int = 512, on_batch=None, *, diffusion: float,
+                  guidance_interval: Sequence[float] = (0.0, 1.0)):
     """Cells for the label codes ``labels_na``: (integer counts, CSR cells x vocabulary genes; latents, n x m*z).
 
     The one path from the DiT to counts: noise (a CPU generator seeded with ``seed``, so the draws do
     not depend on the device; it also drives the SDE sampler's noise, with ``diffusion``) -> guided
-    velocity integrated from t=0 to t=1 -> de-standardized
+    velocity (guided at the flow times in ``guidance_interval``) integrated from t=0 to t=1 -> de-standardized
     latents -> VAE decoder over all genes -> NB draws (``numpy.random.default_rng(seed)``). Both
     models must be in eval mode and on one device; the global RNG is not touched. ``on_batch(n)``
     is called after every batch of ``n`` cells.
@@ -216,7 +224,7 @@ def sample_counts(dit, vae, labels_na: torch.Tensor, null_codes: Sequence[int], 
         lab_na = labels_na[lo:lo + batch_size].to(device)
         n = lab_na.shape[0]
         x0_nmz = torch.randn(n, m, z, generator=generator).to(device)
-        velocity = guided_velocity(dit, lab_na, null_codes, weights_a, mode)
+        velocity = guided_velocity(dit, lab_na, null_codes, weights_a, mode, guidance_interval)
         x1_nmz = integrate(velocity, x0_nmz, num_steps, sampler, diffusion=diffusion,
                            generator=generator)  # (n, m, z) standardized latents
         z_nmz = x1_nmz * std_mz + mean_mz

@@ -95,6 +95,7 @@ class SampleQuality:
         self.sampler = SamplerKind(cfg.flow.sampler)
         self.num_steps = int(cfg.flow.num_steps)
         self.diffusion = float(cfg.flow.sde_diffusion)
+        self.guidance_interval = [float(t) for t in cfg.flow.guidance_interval]
         self.mean_mz, self.std_mz = stage.mean_mz, stage.std_mz
         self.vae = load_vae(cfg.ldm.vae_run)[0].to(device)
         with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: keep the training RNG as is
@@ -110,7 +111,7 @@ class SampleQuality:
         self.dit.load_state_dict(weights)
         counts_ng, _ = sample_counts(self.dit, self.vae, self.labels_na, self.null_codes, self.weights_a, self.mode,
                                      self.num_steps, self.sampler, self.mean_mz, self.std_mz, seed=self.seed,
-                                     diffusion=self.diffusion)
+                                     diffusion=self.diffusion, guidance_interval=self.guidance_interval)
         if self.gene_idx is not None:
             counts_ng = counts_ng[:, self.gene_idx]
         y_np = self.rep.transform(counts_ng)

@@ -94,6 +94,31 @@ def test_generate_sde_sampler_is_seeded_and_recorded(pipeline):
     assert not (pipeline / "bad_sde.h5ad").exists()
 
 
+def test_generate_guidance_interval(pipeline):
+    def gen(name, *extra):
+        out = pipeline / name
+        cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(out), "--match",
+            str(pipeline / "data" / "heldout.h5ad"), "--n-cells", "16", "--steps", "6", "--no-ema", "--quiet", *extra)
+        return ad.read_h5ad(out)
+
+    # the 40-step DiT barely separates its labels yet: a large weight makes guidance visible
+    everywhere = gen("gi_all.h5ad", "--guidance", "cell_type=1000")
+    assert everywhere.uns["provenance"]["guidance_interval"].tolist() == [0.0, 1.0]  # the recipe default
+    part = gen("gi_part.h5ad", "--guidance", "cell_type=1000", "--guidance-interval", "0.3", "0.8")
+    assert part.uns["provenance"]["guidance_interval"].tolist() == [0.3, 0.8]
+    assert np.abs(part.obsm["X_latent"] - everywhere.obsm["X_latent"]).max() > 1e-3
+    # an interval that holds none of the sampler's times is the plain conditional (weight 1)
+    none = gen("gi_none.h5ad", "--guidance", "cell_type=1000", "--guidance-interval", "0.91", "0.92")
+    plain = gen("gi_plain.h5ad", "--guidance", "cell_type=1")
+    np.testing.assert_allclose(none.obsm["X_latent"], plain.obsm["X_latent"], rtol=1e-6, atol=1e-6)
+    assert np.abs(part.obsm["X_latent"] - plain.obsm["X_latent"]).max() > 1e-3
+    proc = cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(pipeline / "gi_bad.h5ad"),
+               "--match", str(pipeline / "data" / "heldout.h5ad"), "--n-cells", "4",
+               "--guidance-interval", "0.8", "0.3", check=False)
+    assert proc.returncode == 2 and "--guidance-interval" in proc.stderr and "lo <= hi" in proc.stderr
+    assert not (pipeline / "gi_bad.h5ad").exists()
+
+
 def test_generate_rejects_unknown_condition_value(pipeline):
     proc = cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(pipeline / "bad.h5ad"),
                "--condition", "cell_type=dragon:3", check=False)

@@ -144,6 +144,27 @@ def test_per_attribute_guidance():
     torch.testing.assert_close(v, v1)  # weight 0 removes attribute 1 (additive toy model)
 
 
+@pytest.mark.parametrize("mode", list(GuidanceMode))
+def test_guidance_interval_guides_only_inside(mode):
+    model = ToyCond()
+    x, t = torch.randn(4, 4, 2), torch.tensor([0.1, 0.3, 0.8, 0.9])
+    weights = [2.5] if mode == GuidanceMode.JOINT else [2.5, 0.5]
+    v_guided = guided_velocity(model, LABELS[[0, 1, 2, 0]], NULL, weights, mode)(x, t)
+    v_cond = model(x, t, LABELS[[0, 1, 2, 0]])
+    assert not torch.allclose(v_guided, v_cond)
+    v = guided_velocity(model, LABELS[[0, 1, 2, 0]], NULL, weights, mode, interval=(0.3, 0.8))(x, t)
+    torch.testing.assert_close(v[1:3], v_guided[1:3])  # the ends of the interval are inside
+    torch.testing.assert_close(v[[0, 3]], v_cond[[0, 3]])
+    model.calls.clear()
+    velocity = guided_velocity(model, LABELS, NULL, weights, mode, interval=(0.3, 0.8))
+    x3 = torch.randn(3, 4, 2)
+    torch.testing.assert_close(velocity(x3, torch.full((3,), 0.95)), model(x3, torch.full((3,), 0.95), LABELS))
+    assert model.calls[0] == 3  # no guided pass when no cell is inside the interval
+    for bad in ((0.8, 0.3), (-0.1, 0.5), (0.2, 1.5), (0.5,)):
+        with pytest.raises(ValueError, match="guidance interval"):
+            guided_velocity(model, LABELS, NULL, weights, mode, interval=bad)
+
+
 def test_drop_labels_rate_per_attribute():
     labels = torch.zeros(20000, 3, dtype=torch.long)
     out = drop_labels(labels, [0.1, 0.5, 0.0], [7, 8, 9], torch.Generator().manual_seed(0))

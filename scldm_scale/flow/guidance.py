@@ -103,7 +103,7 @@ def guided_velocity(
     k = len(variants)
 
     def velocity(x_nmz: Tensor, t_n: Tensor) -> Tensor:
-        inside_n = (t_n >= lo) & (t_n <= hi)
+        inside_n = (t_n >= lo) & (t_n <= hi)  # (n,) cells whose flow time is in the guidance interval
         if not bool(inside_n.any()):
             return model(x_nmz, t_n, labels_na)
         x_all = x_nmz.repeat(k, *([1] * (x_nmz.dim() - 1)))  # (k*n, m, z)

@@ -14,7 +14,8 @@ Guidance interval: ``interval = (lo, hi)`` applies guidance only at flow times `
 "Applying guidance in a limited interval improves sample and distribution quality in diffusion
 models"). Guidance near the noise end pulls every trajectory of a label toward the same few
 modes and narrows the label's distribution; near the data end it barely moves the cell. The
-default (0, 1) guides everywhere.
+default (0, 1) guides everywhere. The velocity jumps at ``lo`` and ``hi``: the adaptive sampler
+rejects a few steps there.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def drop_labels(
 
 
 def check_interval(interval: Sequence[float]) -> tuple[float, float]:
-    """``(lo, hi)`` as floats with ``0 <= lo <= hi <= 1``; ValueError otherwise."""
+    """``(lo, hi)`` as floats with ``0 <= lo < hi <= 1``; ValueError otherwise."""
     values = [float(v) for v in interval]
-    if len(values) != 2 or not 0.0 <= values[0] <= values[1] <= 1.0:
-        raise ValueError(f"guidance interval must be two flow times 0 <= lo <= hi <= 1 (t=0 noise, t=1 data), "
+    if len(values) != 2 or not 0.0 <= values[0] < values[1] <= 1.0:
+        raise ValueError(f"guidance interval must be two flow times 0 <= lo < hi <= 1 (t=0 noise, t=1 data), "
                          f"got {list(interval)}")
     return values[0], values[1]
 
@@ -72,6 +73,7 @@ def guided_velocity(
     """Closure ``(x_nmz, t_n) -> v_nmz`` applying CFG to ``model(x, t, labels)`` (see module doc)."""
     mode = GuidanceMode(mode)
     lo, hi = check_interval(interval)
+    everywhere = lo <= 0.0 and hi >= 1.0  # the samplers' times lie in [0, 1]: no mask needed
     n, a = labels_na.shape
     null_a = torch.tensor(list(null_codes_a), dtype=labels_na.dtype, device=labels_na.device)
     if len(null_codes_a) != a:
@@ -103,9 +105,10 @@ def guided_velocity(
     k = len(variants)
 
     def velocity(x_nmz: Tensor, t_n: Tensor) -> Tensor:
-        inside_n = (t_n >= lo) & (t_n <= hi)  # (n,) cells whose flow time is in the guidance interval
-        if not bool(inside_n.any()):
-            return model(x_nmz, t_n, labels_na)
+        if not everywhere:
+            inside_n = (t_n >= lo) & (t_n <= hi)  # (n,) cells whose flow time is in the guidance interval
+            if not bool(inside_n.any()):
+                return model(x_nmz, t_n, labels_na)  # (n, m, z) no guided pass
         x_all = x_nmz.repeat(k, *([1] * (x_nmz.dim() - 1)))  # (k*n, m, z)
         v_all = model(x_all, t_n.repeat(k), labels_all)  # (k*n, m, z)
         v_full, *v_rest = v_all.chunk(k, dim=0)
@@ -116,6 +119,8 @@ def guided_velocity(
             v = v_full
             for c, v_dropped in zip(coefs, v_rest):
                 v = v + c * (v_full - v_dropped)
-        return torch.where(inside_n.view(-1, *([1] * (v.dim() - 1))), v, v_full)
+        if everywhere:
+            return v
+        return torch.where(inside_n.view(-1, *([1] * (v.dim() - 1))), v, v_full)  # (n, m, z)
 
     return velocity

@@ -142,8 +142,10 @@ def generate(
     try:
         interval = check_interval(cfg.flow.guidance_interval if guidance_interval is None else guidance_interval)
     except ValueError as err:
-        where = "--guidance-interval" if guidance_interval is not None else f"flow.guidance_interval of {ldm_run}"
-        raise ScldmError(f"{where}: {err}") from None
+        if guidance_interval is not None:
+            raise ScldmError(f"--guidance-interval: {err}; e.g. --guidance-interval 0.3 0.8") from None
+        raise ScldmError(f"flow.guidance_interval of {ldm_run}: {err}; override it with --guidance-interval LO HI"
+                         ) from None
 
     labels_na, rows_obs = condition_codes(conditions, labels)
     n_total = labels_na.shape[0]

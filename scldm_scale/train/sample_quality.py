@@ -59,7 +59,7 @@ class SampleQuality:
         from scldm_scale.data.vocab import GeneVocab
         from scldm_scale.eval.evaluate import _counts
         from scldm_scale.eval.representation import _common_genes, fit_representation
-        from scldm_scale.flow.guidance import GuidanceMode
+        from scldm_scale.flow.guidance import GuidanceMode, check_interval
         from scldm_scale.flow.samplers import SamplerKind
         from scldm_scale.nn.dit import DiT
         from scldm_scale.tasks.encode import load_vae
@@ -95,7 +95,7 @@ class SampleQuality:
         self.sampler = SamplerKind(cfg.flow.sampler)
         self.num_steps = int(cfg.flow.num_steps)
         self.diffusion = float(cfg.flow.sde_diffusion)
-        self.guidance_interval = [float(t) for t in cfg.flow.guidance_interval]
+        self.guidance_interval = check_interval(cfg.flow.guidance_interval)
         self.mean_mz, self.std_mz = stage.mean_mz, stage.std_mz
         self.vae = load_vae(cfg.ldm.vae_run)[0].to(device)
         with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: keep the training RNG as is

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import anndata as ad
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from tests.cli_utils import TINY_LDM, TINY_VAE, cli, read_metrics
 
@@ -95,9 +97,9 @@ def test_generate_sde_sampler_is_seeded_and_recorded(pipeline):
 
 
 def test_generate_guidance_interval(pipeline):
-    def gen(name, *extra):
+    def gen(name, *extra, run=pipeline / "ldm"):
         out = pipeline / name
-        cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(out), "--match",
+        cli("generate", "--ldm-run", str(run), "--out", str(out), "--match",
             str(pipeline / "data" / "heldout.h5ad"), "--n-cells", "16", "--steps", "6", "--no-ema", "--quiet", *extra)
         return ad.read_h5ad(out)
 
@@ -112,10 +114,19 @@ def test_generate_guidance_interval(pipeline):
     plain = gen("gi_plain.h5ad", "--guidance", "cell_type=1")
     np.testing.assert_allclose(none.obsm["X_latent"], plain.obsm["X_latent"], rtol=1e-6, atol=1e-6)
     assert np.abs(part.obsm["X_latent"] - plain.obsm["X_latent"]).max() > 1e-3
+    # the run's flow.guidance_interval is the default of generate
+    run = pipeline / "ldm_interval"
+    shutil.copytree(pipeline / "ldm" / "export", run / "export")
+    cfg = OmegaConf.load(run / "export" / "config.yaml")
+    cfg.flow.guidance_interval = [0.91, 0.92]
+    OmegaConf.save(cfg, run / "export" / "config.yaml")
+    from_cfg = gen("gi_cfg.h5ad", "--guidance", "cell_type=1000", run=run)
+    assert from_cfg.uns["provenance"]["guidance_interval"].tolist() == [0.91, 0.92]
+    np.testing.assert_allclose(from_cfg.obsm["X_latent"], plain.obsm["X_latent"], rtol=1e-6, atol=1e-6)
     proc = cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(pipeline / "gi_bad.h5ad"),
                "--match", str(pipeline / "data" / "heldout.h5ad"), "--n-cells", "4",
                "--guidance-interval", "0.8", "0.3", check=False)
-    assert proc.returncode == 2 and "--guidance-interval" in proc.stderr and "lo <= hi" in proc.stderr
+    assert proc.returncode == 2 and "--guidance-interval" in proc.stderr and "lo < hi" in proc.stderr
     assert not (pipeline / "gi_bad.h5ad").exists()
 
 

@@ -74,9 +74,9 @@ def test_derive_fills_data_dependent_values():
     cfg = load_config([], ["flow.label_dropout=[0.1,0.2,0.3]"])
     with pytest.raises(ScldmError, match="label_dropout"):
         derive(cfg, label_cardinalities=[5, 3])
-    for bad in ("[0.8,0.3]", "[-0.1,0.5]", "[0.3]"):
+    for bad in ("[0.8,0.3]", "[0.5,0.5]", "[-0.1,0.5]", "[0.3]"):
         cfg = load_config([], [f"flow.guidance_interval={bad}"])
-        with pytest.raises(ScldmError, match=r"flow\.guidance_interval.*0 <= lo <= hi <= 1"):
+        with pytest.raises(ScldmError, match=r"flow\.guidance_interval.*0 <= lo < hi <= 1"):
             derive(cfg, label_cardinalities=[5])
 
 

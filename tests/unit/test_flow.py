@@ -160,7 +160,7 @@ def test_guidance_interval_guides_only_inside(mode):
     x3 = torch.randn(3, 4, 2)
     torch.testing.assert_close(velocity(x3, torch.full((3,), 0.95)), model(x3, torch.full((3,), 0.95), LABELS))
     assert model.calls[0] == 3  # no guided pass when no cell is inside the interval
-    for bad in ((0.8, 0.3), (-0.1, 0.5), (0.2, 1.5), (0.5,)):
+    for bad in ((0.8, 0.3), (0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), (0.5,)):
         with pytest.raises(ValueError, match="guidance interval"):
             guided_velocity(model, LABELS, NULL, weights, mode, interval=bad)
 

@@ -1,4 +1,4 @@
-"""`scldm-scale` command line: prepare, train, encode, generate, evaluate, export, demo.
+"""`scldm-scale` command line: prepare, train, encode, generate, evaluate, export, sweep, report, demo.
 
 Training is launched by torchrun / the deepspeed launcher (one process per device) or runs as a
 single process::
@@ -61,10 +61,15 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    recipes, overrides = _split_recipes(args.items)
+    if args.dry_run:
+        from scldm_scale.scaling.plan import dry_run
+
+        print(dry_run(recipes, overrides))
+        return
     from scldm_scale.config import load_config
     from scldm_scale.train.trainer import train
 
-    recipes, overrides = _split_recipes(args.items)
     cfg = load_config(recipes, overrides)
     out = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -127,6 +132,26 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {export_run(args.run)}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from scldm_scale.scaling.sweep import sweep
+
+    grids, overrides = _split_recipes(args.items)
+    if not grids:
+        raise ScldmError("sweep: give at least one grid YAML (e.g. recipes/scaling/width.yaml)")
+    status = sweep(grids, args.out, launcher=args.launcher, nproc=args.nproc_per_node, extra=overrides, only=args.run,
+                   time_limit=args.time, sbatch_options=args.sbatch_option or [], python=args.python)
+    if status:
+        sys.exit(status)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from scldm_scale.scaling.report import report
+
+    path = report(args.dirs, out=args.out, wandb_csv=args.wandb_csv or [], n_boot=args.bootstrap, level=args.level,
+                  seed=args.seed, method=args.bootstrap_method)
+    print(f"report: {path}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from scldm_scale.tasks.demo import run_demo
 
@@ -168,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a stage (run.stage=vae|ldm) from recipes and key=value overrides")
     p.add_argument("items", nargs="+", metavar="RECIPE.yaml|key=value")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read no data and train nothing: resolve the recipes and print the run plan (sizes, "
+                        "parameters, FLOPs per cell, steps, cells, GPU-hours at plan.mfu, disk), e.g. "
+                        "`scldm-scale train recipes/census.yaml --dry-run`")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("encode", help="write the latents of a dataset with a trained VAE (for stage 2)")
@@ -209,6 +238,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidate a run's latest checkpoint into <run>/export (safetensors)")
     p.add_argument("run")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "sweep", help="expand scaling grids into runs; train them here, write a SLURM array, or print the commands",
+        description="scldm-scale sweep GRID.yaml [GRID2.yaml ...] [key=value ...] --out DIR [--launcher local|slurm|print]. "
+                    "Finished runs are skipped, interrupted ones resume. "
+                    "Example: scldm-scale sweep recipes/scaling/width.yaml --out runs/scaling/width",
+    )
+    p.add_argument("items", nargs="+", metavar="GRID.yaml|key=value",
+                   help="grid YAMLs (recipes/scaling/*.yaml), then key=value overrides applied to every run "
+                        "(before the options, e.g. `sweep recipes/scaling/width.yaml train.cells=2048 --out runs/trial`)")
+    p.add_argument("--out", required=True,
+                   help="sweep folder (one grid), or parent of one folder per grid (several), e.g. --out runs/scaling")
+    p.add_argument("--launcher", choices=["local", "slurm", "print"], default="local",
+                   help="local: train the runs one after another here (default); slurm: write DIR/slurm/*.sbatch "
+                        "and submit.sh; print: print the commands. Example: --launcher slurm")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="processes (GPUs) per run; 1 = single process, N > 1 = torchrun --standalone "
+                        "(default 1), e.g. --nproc-per-node 8")
+    p.add_argument("--run", default="",
+                   help="only this run (NAME or GRID/NAME), as a SLURM array task does, e.g. --run width/vae-d_model64-s0")
+    p.add_argument("--time", default="24:00:00", help="slurm: time limit per array task (default 24:00:00)")
+    p.add_argument("--sbatch-option", action="append", metavar="OPTION",
+                   help="slurm: extra #SBATCH line (repeatable), e.g. --sbatch-option=--partition=gpu")
+    p.add_argument("--python", default=sys.executable,
+                   help="slurm: interpreter on the compute nodes (default: this one), e.g. --python .venv/bin/python")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "report", help="collect sweep results: table (CSV, Parquet), power-law fits with intervals, plots, summary",
+        description="scldm-scale report DIR [DIR ...] [--out OUT] [--wandb-csv FILE]. "
+                    "Example: scldm-scale report runs/scaling (writes runs/scaling/report/summary.md)",
+    )
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="sweep folders (the --out of `scldm-scale sweep`)")
+    p.add_argument("--out", help="report folder (default: DIR/report with one DIR), e.g. --out reports/scaling")
+    p.add_argument("--wandb-csv", action="append", metavar="FILE",
+                   help="a W&B runs-table CSV export of sweep runs (repeatable; format in "
+                        "scldm_scale/scaling/report.py read_wandb_csv), e.g. --wandb-csv wandb_export.csv")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits per fit (default 1000), e.g. --bootstrap 2000")
+    p.add_argument("--bootstrap-method", choices=["residuals", "cases"], default="residuals",
+                   help="residuals (default) or cases (needs >= 2 seeds per point), e.g. --bootstrap-method cases")
+    p.add_argument("--level", type=float, default=0.95, help="interval coverage (default 0.95), e.g. --level 0.9")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="synthetic atlas -> VAE -> latents -> LDM -> generate -> evaluate")
     p.add_argument("--out", default="runs/demo")

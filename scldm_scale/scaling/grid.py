@@ -30,9 +30,8 @@ import difflib
 import hashlib
 import itertools
 import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -206,9 +205,7 @@ def format_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
         return json.dumps(value)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return repr(value)
-    return str(value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _name_part(value: Any) -> str:
@@ -291,34 +288,3 @@ def config_hash(cfg: DictConfig, vae_hash: str = "") -> str:
         container.setdefault("ldm", {})["vae_run"] = vae_hash
     text = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def axis_value(value: Any) -> float:
-    """An axis value as a number (for fits and plots); NaN when it is not numeric."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return number
-
-
-@dataclass
-class SweepPlan:
-    """The expanded grid: runs with their resolved configs and hashes."""
-
-    grid: Grid
-    out_dir: Path
-    runs: list[RunSpec]
-    configs: dict[str, DictConfig] = field(default_factory=dict)
-    hashes: dict[str, str] = field(default_factory=dict)
-
-
-def plan_sweep(grid: Grid, out_dir: str | Path, extra: Sequence[str] = (), world_size: int = 1) -> SweepPlan:
-    """Expand and resolve every run (errors in the recipes or overrides surface here, before any training)."""
-    runs = expand(grid, out_dir, extra)
-    plan = SweepPlan(grid, Path(out_dir), runs)
-    for run in runs:
-        cfg = resolve(run, world_size)
-        plan.configs[run.name] = cfg
-        plan.hashes[run.name] = config_hash(cfg, plan.hashes.get(run.vae_run, ""))
-    return plan

@@ -39,12 +39,11 @@ METRIC_TITLE = {"val_nll_per_cell": "held-out NB NLL per cell", "val_flow_loss":
 DERIVED_KEYS = ("vae.n_heads", "dit.n_heads", "train.max_steps", "dit.n_tokens", "dit.d_in", "vae.n_genes",
                 "run.seed", "data.seed", "run.name", "run.output_dir", "ldm.vae_run", "ldm.latents")
 WIDTH_SUFFIXES = (".d_model", ".depth", ".n_encoder_layers", ".n_decoder_layers", ".mlp_ratio")
-RESULT_COLUMNS = ("params", "params_non_embedding", "flops_per_cell", "flops", "cells_seen", "steps", "wall_s")
 
 
-def x_column(axis: str) -> str:
-    """The table column an axis is measured in."""
-    if axis.endswith(WIDTH_SUFFIXES):
+def x_column(axis: str, stage: str = "vae") -> str:
+    """The table column an axis is measured in (a VAE size axis of stage-2 runs: its own value)."""
+    if axis.endswith(WIDTH_SUFFIXES) and not (stage == "ldm" and axis.startswith("vae.")):
         return "params_non_embedding"
     if axis in ("train.cells", "train.max_steps"):
         return "cells_seen"
@@ -200,7 +199,7 @@ def axis_fits(df: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: i
             continue
         axes = [a for a in str(part["axes"].iloc[0]).split(";") if a]
         for axis in axes:
-            x = x_column(axis)
+            x = x_column(axis, stage)
             if x not in part.columns:
                 continue
             others = [o for o in axes if o != axis and o in part.columns]
@@ -359,8 +358,9 @@ def write_report(df: pd.DataFrame, out: str | Path, sweeps: Sequence[dict] = (),
         frontier = compute_frontier(source, metric)
         fit = _fit(frontier["flops"], frontier[metric], n_boot, level, seed, method)
         optimal = {}
+        two_axes = bool((source["axes"].astype(str).str.count(";") >= 1).all())
         for col in ("params_non_embedding", "cells_seen"):
-            if col in frontier.columns and frontier[col].nunique() >= 2:
+            if two_axes and col in frontier.columns and len(frontier) >= 3 and frontier[col].nunique() >= 2:
                 slope = fit_loglinear(frontier["flops"], frontier[col])
                 if slope is not None:
                     optimal[col] = slope[0]
@@ -385,7 +385,7 @@ def write_report(df: pd.DataFrame, out: str | Path, sweeps: Sequence[dict] = (),
         for info in sweeps:
             fixed = {**info.get("fixed", {}), **{f"(ldm) {k}": v for k, v in info.get("ldm_fixed", {}).items()}}
             fixed_text = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "-"
-            axes = "; ".join(f"{a} ({x_column(a)})" for a in info["axes"])
+            axes = "; ".join(f"{a} ({X_TITLE.get(x_column(a), x_column(a))})" for a in info["axes"])
             lines.append(f"| {info['grid']} | {axes} | {fixed_text} | {len(info['runs'])} |")
     lines += ["", "## Exponents", "", "| grid | stage | X | slice | points | alpha | interval | a | c | interval (c) | rmse log |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -417,6 +417,13 @@ def write_report(df: pd.DataFrame, out: str | Path, sweeps: Sequence[dict] = (),
             if "cells_seen" in optimal:
                 parts.append(f"cells ~ C^{optimal['cells_seen']:.2f}")
             lines += ["", "Along the frontier (log-log slopes over its runs): " + ", ".join(parts) + "."]
+    ldm = df[df["stage"] == "ldm"]
+    if len(ldm):
+        cols = [c for c in ("val_flow_loss", "sample_mmd", "sample_w2", "sample_fd") if c in ldm.columns]
+        lines += ["", "## Stage-2 runs: held-out flow loss and generated vs held-out cells", "",
+                  "| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for _, row in ldm.sort_values(["grid", "name"]).iterrows():
+            lines.append(f"| {row['grid']}/{row['name']} | " + " | ".join(_fmt(float(row[c])) for c in cols) + " |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Tables: `runs.csv` / `runs.parquet` (one row per run), `fits.csv`, `frontier.csv`."]
     path = out / "summary.md"

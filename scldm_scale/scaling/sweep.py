@@ -538,6 +538,9 @@ def write_slurm(sweeps: list[PlannedSweep], grid_paths: Sequence[str | Path], ou
         path = folder / f"{suffix}.sbatch"
         path.write_text(text)
         scripts.append(path)
+    if not scripts:
+        raise ScldmError(f"sweep --launcher slurm: nothing to submit, every run is a finished run of another grid; "
+                         f"run `scldm-scale report {out}`")
     submit = ["#!/bin/bash", "# Submit the sweep: stage-1 array, then stage 2 once it has ended; report when all are done.",
               "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
     prepared: set[str] = set()

@@ -47,7 +47,7 @@ def test_sweep_resumes_interrupted_runs_skips_finished_ones_and_reports(tmp_path
         assert steps == [1, 2, 3, 4, 5, 6]
         result = json.loads((out / name / "result.json").read_text())
         assert result["steps"] == 6 and result["cells_seen"] == 96 and result["global_batch"] == 16
-        assert result["config"]["vae.d_model"] == width and result["config"]["vae.n_heads"] == width // 16
+        assert result["config"]["vae.d_model"] == width and result["config"]["vae.n_heads"] == width // 8  # base: heads of 8
         assert result["flops"] == pytest.approx(result["flops_per_cell"] * 96)
         assert 0 < result["params_non_embedding"] < result["params"]
         assert result["val_nll_per_cell"] > 0 and result["val_cells"] == 50

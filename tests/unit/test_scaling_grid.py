@@ -28,7 +28,7 @@ def test_one_axis_runs_names_and_resolved_values(tmp_path):
     for run in runs:
         cfg = resolve(run, world_size=1)
         assert cfg.vae.d_model == run.point["vae.d_model"]
-        assert cfg.vae.n_heads == run.point["vae.d_model"] // 16  # base: scale.vae_head_dim 16
+        assert cfg.vae.n_heads == run.point["vae.d_model"] // 8  # base: scale.vae_head_dim 8
         assert cfg.vae.n_latent_tokens == 4  # fixed
         assert cfg.train.max_steps == 4096 // 64  # cell budget / batch 64
         assert cfg.run.name == run.name and cfg.run.output_dir == str(tmp_path / "out")
@@ -102,7 +102,7 @@ def test_print_and_slurm_launchers(tmp_path, monkeypatch):
     write_plan(sweeps[0], 2)
     text = print_commands(sweeps, [grid], tmp_path / "out", 2, ["train.log_every=5"])
     assert text.count(" train ") == 6 and text.count(" encode ") == 3
-    assert "--nproc_per_node=2" in text and "prepare synthetic runs/scaling/atlas" in text
+    assert "--nproc_per_node=2" in text and "prepare synthetic runs/scaling/synthetic_72k_t64" in text
 
     submit = write_slurm(sweeps, [grid], tmp_path / "out", 2, ["train.log_every=5"], "02:00:00",
                          ["--partition=gpu"], "python")

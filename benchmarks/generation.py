@@ -199,7 +199,7 @@ def _run(cmd: list[str], logfile: Path, env: dict, done: Path) -> None:
 
 
 def _cli(nproc: int, args: list[str]) -> list[str]:
-    from scldm_scale.tasks.demo import torchrun
+    from scldm_scale.demo import torchrun
 
     return torchrun(nproc, args)
 
@@ -215,7 +215,8 @@ def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_st
     first being ``seed``), through the CLI; returns ([AnnData per generation seed], info)."""
     import anndata as ad
 
-    from scldm_scale.tasks.generate import generate
+    from scldm_scale.api import ScLDM
+    from scldm_scale.io import write_h5ad_atomic
 
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
@@ -247,12 +248,14 @@ def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_st
         times[name] = round(time.perf_counter() - t0, 1)
         times_file.write_text(json.dumps(times))
         log(f"ours: {name}: {times[name]:.0f} s")
+    model = None
     for gen_seed in gen_seeds:
         out = generated_path(work, "ours", gen_seed, seed)
         if out.is_file():
             continue
         t0 = time.perf_counter()
-        generate(str(work / "ldm"), conditions, str(out), seed=gen_seed, progress=False)
+        model = model or ScLDM.load(work / "ldm", device="cpu")
+        write_h5ad_atomic(model.generate(conditions, seed=gen_seed), out)
         if gen_seed == seed:  # the budget counts one generation
             times["generate"] = round(time.perf_counter() - t0, 1)
             times_file.write_text(json.dumps(times))
@@ -310,7 +313,7 @@ def bench_dataset(name: str, path: Path, label: str, root: Path, args, budget) -
 
     from scldm_scale.eval.baselines import independent_genes_baseline, label_matched_cells, real_vs_real_split
     from scldm_scale.eval.evaluate import compare
-    from scldm_scale.tasks.generate import conditions_matching
+    from scldm_scale.api import conditions_matching
 
     vae_steps, ldm_steps, scvi_epochs = budget
     settings = {"data": str(path.resolve()), "label": label, "seed": args.seed, "heldout": args.heldout_fraction,
@@ -332,7 +335,7 @@ def bench_dataset(name: str, path: Path, label: str, root: Path, args, budget) -
     train = ad.read_h5ad(work / "train.h5ad")
     heldout = ad.read_h5ad(work / "heldout.h5ad")
     reference, real_b = real_vs_real_split(heldout, seed=args.seed)
-    conditions = conditions_matching(str(work / "heldout.h5ad"), [label], n_cells=real_b.n_obs)
+    conditions = conditions_matching(heldout.obs, [label], n_cells=real_b.n_obs)
     cond_obs = conditions_frame(conditions, label)
 
     gen_seeds = [args.seed + k for k in range(args.gen_seeds)]

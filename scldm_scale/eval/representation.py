@@ -174,14 +174,14 @@ def align_genes(ref, gen, min_overlap: float = 0.5):
     Fewer than ``min_overlap`` x (reference genes) shared -> :class:`ScldmError`.
     Returns ``(ref, gen)`` (copies when subsetting was needed).
     """
-    common = _common_genes(ref.var_names, gen.var_names, min_overlap, stacklevel=3)
+    common = common_genes(ref.var_names, gen.var_names, min_overlap, stacklevel=3)
     if common is None:
         return ref, gen
     ref_out = ref if len(common) == ref.n_vars else ref[:, common].copy()
     return ref_out, gen[:, common].copy()
 
 
-def _common_genes(ref_names, gen_names, min_overlap: float = 0.5, stacklevel: int = 2):
+def common_genes(ref_names, gen_names, min_overlap: float = 0.5, stacklevel: int = 2):
     """Shared gene ids in reference order, or ``None`` when both lists are identical.
 
     Warns when the sets differ; raises :class:`ScldmError` below ``min_overlap``.

@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from scldm_scale.api.run import export_path, load_export
 from scldm_scale.config import DecodeGenes, Stage, derive
 from scldm_scale.data.config import SourceKind
+from scldm_scale.data.labels import LabelTables
+from scldm_scale.data.latent_cache import read_latent_stats
 from scldm_scale.errors import ScldmError
 from scldm_scale.flow.guidance import drop_labels
 from scldm_scale.flow.interpolant import TimeSampling
@@ -156,9 +159,6 @@ class LDMStage:
     name = Stage.LDM
 
     def __init__(self, cfg: DictConfig) -> None:
-        from scldm_scale.data.latent_cache import read_latent_stats
-        from scldm_scale.train.export import export_path, load_export
-
         if not cfg.ldm.vae_run:
             raise ScldmError("run.stage=ldm needs ldm.vae_run=<run dir of the trained VAE>")
         self.vae_export = export_path(cfg.ldm.vae_run)
@@ -167,16 +167,14 @@ class LDMStage:
         if not (Path(latents) / "manifest.json").is_file():
             raise ScldmError(f"{latents}: no latent cache (manifest.json); run `scldm-scale encode` on the VAE run first")
         cfg.ldm.latents = latents
-        cfg.ldm.sample_reference = resolve_sample_reference(str(cfg.ldm.sample_reference), str(vae_cfg.data.path),
+        cfg.ldm.sample_reference = resolve_sample_reference(str(cfg.ldm.sample_reference), vae_cfg.data.path,
                                                             int(cfg.train.sample_every))
         cfg.data.source = SourceKind.LATENTS
         cfg.data.path = latents
         self.cfg = cfg
-        from scldm_scale.data.labels import LabelTables
-
         self.labels = LabelTables.load(self.vae_export / "labels.json")
         cfg.data.label_columns = list(self.labels.attributes)
-        vae = _typed(vae_cfg.vae, VAEConfig)
+        vae = vae_cfg.vae
         derive(cfg, label_cardinalities=self.labels.cardinalities, vae=vae)
         self.model_cfg: DiTConfig = _typed(cfg.dit, DiTConfig)
         stats = read_latent_stats(latents)

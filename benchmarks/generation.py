@@ -106,21 +106,13 @@ def stratified_split(labels, heldout_fraction: float = 0.2, seed: int = 0):
 
 
 def select_hvg(train, n_top: int) -> list[str]:
-    """Top ``n_top`` highly variable genes of the training cells (``seurat_v3`` on raw counts)."""
-    import numpy as np
-    import scanpy as sc
+    """Top ``n_top`` highly variable genes of the training cells (``seurat_v3`` on raw counts, the
+    definition ``evaluate`` uses)."""
+    from scldm_scale.eval.representation import highly_variable_genes
 
     if n_top <= 0 or n_top >= train.n_vars:
         return list(train.var_names)
-    a = train.copy()
-    try:
-        sc.pp.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=n_top)
-    except ImportError:  # seurat_v3 needs scikit-misc; fall back to dispersions of log-normalized data
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-        sc.pp.highly_variable_genes(a, flavor="seurat", n_top_genes=n_top)
-    keep = np.asarray(a.var["highly_variable"], dtype=bool)
-    return list(train.var_names[keep])
+    return list(train.var_names[highly_variable_genes(train.X, n_top)])
 
 
 def _gene_index(adata):

@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from scldm_scale.train.checkpoint import export_run
+    from scldm_scale.train.trainer import export_run
 
     print(f"exported to {export_run(args.run)}")
 

@@ -156,3 +156,14 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ScldmError(f"device {spec!r}: unsupported; use auto, cpu, cuda or cuda:<index>")
     return device
+
+
+def gather_tensor(tensor: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (same shape on all ranks) in rank order on rank ``dst``, on the CPU
+    (None elsewhere). Data plane: sent from the communication device."""
+    if not is_distributed():
+        return [tensor.detach().cpu()]
+    on = tensor.detach().to(device()).contiguous()
+    out = [torch.empty_like(on) for _ in range(world_size())] if rank() == dst else None
+    dist.gather(on, out, dst=dst)
+    return None if out is None else [t.cpu() for t in out]

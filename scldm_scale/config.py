@@ -56,6 +56,7 @@ class RunConfig:
     stage: Stage = Stage.VAE
     seed: int = 0
     resume: bool = False  # continue from <run dir>/checkpoints/latest
+    overwrite: bool = False  # start afresh in a run directory that holds a run (its checkpoints, export, metrics go)
 
 
 @dataclass

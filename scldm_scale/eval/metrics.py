@@ -21,7 +21,7 @@ from scipy.spatial.distance import cdist, pdist, squareform
 from scipy.special import gammaln
 
 from scldm_scale.errors import ScldmError
-from scldm_scale.eval.representation import _moments, log_normalize
+from scldm_scale.eval.representation import column_moments, log_normalize
 
 __all__ = [
     "subsample",
@@ -241,7 +241,7 @@ def knn_label_accuracy(x_real, labels_real, y_gen, labels_gen, k: int = 15,
 
 def gene_moments(x_ng, target_sum: float = 1e4) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and variance (ddof=0) of normalize-total + log1p expression."""
-    return _moments(log_normalize(x_ng, target_sum))
+    return column_moments(log_normalize(x_ng, target_sum))
 
 
 def _r2(true_g: np.ndarray, pred_g: np.ndarray) -> float:

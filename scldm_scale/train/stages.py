@@ -137,8 +137,9 @@ class VAEStage:
                         float(self.cfg.train.kl_weight), float(self.cfg.train.library_loss_weight),
                         self.model_cfg.log_library_scale)
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["mask_ns"].sum())
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gene tokens of the batch (a device tensor: no host sync)."""
+        return batch["mask_ns"].sum()
 
     def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         n = batch["mask_ns"].shape[0]
@@ -204,8 +205,9 @@ class LDMStage:
         )
         return {"loss": out["loss"]}
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["z_nmz"].shape[0] * batch["z_nmz"].shape[1])
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Latent tokens of the batch."""
+        return torch.tensor(float(batch["z_nmz"].shape[0] * batch["z_nmz"].shape[1]))
 
     def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         return 3.0 * model.flops_per_cell()

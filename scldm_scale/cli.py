@@ -197,6 +197,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {export_run(args.run)}")
 
 
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from scldm_scale.config import recipe_names, recipe_summary, resolve_recipe
+
+    if args.name:
+        print(resolve_recipe(args.name).read_text(), end="")
+        return
+    names = recipe_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {recipe_summary(resolve_recipe(name))}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from scldm_scale.demo import run_demo
 
@@ -375,12 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", type=int, default=8000, help="cells of the synthetic atlas (e.g. --cells 2000)")
     p.add_argument("--genes", type=int, default=1000, help="genes of the synthetic atlas (e.g. --genes 300)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun ranks) (e.g. --nproc 1)")
-    p.add_argument("--recipe", default="recipes/quickstart.yaml",
-                   help="stage-1 recipe; stage 2 uses <recipe>_ldm.yaml beside it (e.g. --recipe recipes/quickstart.yaml)")
+    p.add_argument("--recipe", default="quickstart",
+                   help="stage-1 recipe (a file or a shipped recipe's name); stage 2 uses <recipe>_ldm.yaml beside "
+                        "it (default quickstart; e.g. --recipe recipes/quickstart.yaml)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a quality check fails")
     p.add_argument("items", nargs="*", metavar="key=value",
                    help="overrides for both stages (e.g. train.max_steps=100)")
     p.set_defaults(func=cmd_demo)
+
+    p = _sub(sub, "recipes", "list the shipped recipes, or print one",
+             "  scldm-scale recipes\n  scldm-scale recipes quickstart > my.yaml\n"
+             "  scldm-scale train quickstart train.max_steps=100   # recipes are found by name")
+    p.add_argument("name", nargs="?", help="a recipe to print (e.g. quickstart or gpu/vae_b_8gpu)")
+    p.set_defaults(func=cmd_recipes)
     return parser
 
 

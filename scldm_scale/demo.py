@@ -22,6 +22,7 @@ from scldm_scale.errors import ScldmError
 from scldm_scale.eval.baselines import independent_genes_baseline, real_vs_real_split
 from scldm_scale.eval.evaluate import compare, format_table
 from scldm_scale.io import write_h5ad_atomic, write_json_atomic
+from scldm_scale.config import resolve_recipe
 
 METRICS = ("w2", "mmd", "fd", "nn1", "knn_acc/cell_type")
 N_PCS = 10  # the leading PCs carry the biological structure; the rest is mostly sampling noise
@@ -42,16 +43,15 @@ def torchrun(nproc: int, args: Sequence[str]) -> list[str]:
 
 
 def run_demo(out: str, n_cells: int = 8000, n_genes: int = 1000, nproc: int = 2,
-             recipe: str = "recipes/quickstart.yaml", overrides: Sequence[str] = ()) -> bool:
+             recipe: str = "quickstart", overrides: Sequence[str] = ()) -> bool:
     import anndata as ad
 
     t0 = time.perf_counter()
     out_dir = Path(out)
     data = out_dir / "data"
-    ldm_recipe = str(Path(recipe).with_name(Path(recipe).stem + "_ldm.yaml"))
-    for path in (recipe, ldm_recipe):
-        if not Path(path).is_file():
-            raise ScldmError(f"{path}: recipe not found; run the demo from the repository root or pass --recipe")
+    vae_path = resolve_recipe(recipe)  # a file, or a shipped recipe's name (works outside the repository)
+    recipe = str(vae_path)
+    ldm_recipe = str(resolve_recipe(vae_path.with_name(vae_path.stem + "_ldm.yaml")))
 
     if not (data / "metadata.json").is_file():
         print(f"[1/6] synthetic atlas: {n_cells} cells x {n_genes} genes -> {data}", flush=True)

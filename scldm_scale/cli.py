@@ -45,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise ScldmError("--shard-size applies to `prepare h5ad`; a SOMA experiment has no shards, drop it")
     common = dict(labels=args.labels, vocab_path=args.vocab, min_files=args.min_files,
                   heldout_fraction=args.heldout_fraction or 0.0, seed=args.seed, overwrite=args.overwrite,
-                  require_labels=args.require_labels, progress=not args.quiet)
+                  counts=args.counts, require_labels=args.require_labels, progress=not args.quiet)
     if args.kind == "h5ad":
         res = harmonize.prepare_h5ad(inputs, out, shard_size=args.shard_size or 10_000, **common)
     else:
@@ -151,9 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", type=int, default=2_000, help="synthetic: genes")
     p.add_argument("--shards", type=int, default=4, help="synthetic: number of shards")
     p.add_argument("--cell-types", type=int, default=8, help="synthetic: cell types")
-    p.add_argument("--shard-size", type=int, help="h5ad: cells per output shard (default 10000)")
+    p.add_argument("--shard-size", type=int,
+                   help="h5ad: cells per output shard (default 10000); cells are written in a seeded random order "
+                        "across all inputs (--seed), e.g. --shard-size 50000")
     p.add_argument("--labels", nargs="+", default=["cell_type"], metavar="COLUMN",
-                   help="h5ad/soma: obs columns to harmonize into label tables (default: cell_type)")
+                   help="h5ad/soma: obs columns to harmonize into label tables (default: cell_type); a column "
+                        "no input has is an error, e.g. --labels cell_type tissue donor")
+    p.add_argument("--counts", default="auto", metavar="auto|X|raw|layer:NAME",
+                   help="h5ad/soma: where the inputs keep raw integer counts: X, .raw.X (CELLxGENE files) or a "
+                        "layer; auto (default) takes the first integer-valued of X, .raw.X, layers['counts'] and "
+                        "logs which, e.g. --counts raw or --counts layer:counts")
     p.add_argument("--vocab", help="h5ad/soma: use this vocab.json instead of the union of the inputs' genes")
     p.add_argument("--min-files", type=int, default=1,
                    help="h5ad/soma: keep genes present in at least N inputs (built vocabulary only)")
@@ -161,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="h5ad/soma: a label column missing from an input is an error (default: 'unknown')")
     p.add_argument("--heldout-fraction", type=float, default=None,
                    help="fraction of cells written to heldout.h5ad (default: 0.1 synthetic, 0 h5ad/soma)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic atlas, the held-out cells and the global cell order, e.g. --seed 1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)

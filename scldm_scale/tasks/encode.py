@@ -35,7 +35,7 @@ def encode(vae_run: str, data_path: str = "", out_dir: str = "", batch_size: int
     import torch.distributed as dist
 
     from scldm_scale.data.labels import LabelTables
-    from scldm_scale.data.latent_cache import LatentCacheWriter, finalize_latent_cache
+    from scldm_scale.data.latent_cache import LatentCacheWriter, finalize_latent_cache, shared_run_id
     from scldm_scale.data.tokenize import tokenize_counts
     from scldm_scale.data.validate import check_h5ad_shards, resolve_shards
     from scldm_scale.data.vocab import GeneVocab
@@ -54,7 +54,8 @@ def encode(vae_run: str, data_path: str = "", out_dir: str = "", batch_size: int
     check_h5ad_shards(shards, list(labels.attributes))
     out = Path(out_dir or Path(vae_run) / "latents")
     m, z = int(cfg.vae.n_latent_tokens), int(cfg.vae.d_latent)
-    writer = LatentCacheWriter(out, rank, m, z, list(labels.attributes))
+    run_id = shared_run_id()
+    writer = LatentCacheWriter(out, rank, m, z, list(labels.attributes), run_id=run_id, world_size=world)
     rng = np.random.default_rng(int(cfg.run.seed) + rank)
     sum_mz = torch.zeros(m, z, dtype=torch.float64)
     sumsq_mz = torch.zeros(m, z, dtype=torch.float64)
@@ -92,7 +93,7 @@ def encode(vae_run: str, data_path: str = "", out_dir: str = "", batch_size: int
     std = (sumsq_mz / count.clamp(min=1) - mean * mean).clamp(min=1e-12).sqrt()
     if rank == 0:
         finalize_latent_cache(out, {"mean": mean.flatten().tolist(), "std": std.flatten().tolist(),
-                                    "n_cells": int(count.item()), "shape": [m, z]})
+                                    "n_cells": int(count.item()), "shape": [m, z]}, world_size=world, run_id=run_id)
     if distributed:
         dist.barrier()
     return out

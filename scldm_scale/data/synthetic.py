@@ -239,7 +239,7 @@ STUDY_LAYOUTS = ("X", "raw", "layer")  # counts in X; normalized X + counts in .
 _DRAWS_PER_CHUNK = 1 << 24  # multinomial draws (UMIs) sampled at once
 
 
-class _StudySampler:
+class StudySampler:
     """Counts of one study: a cell of type ``t`` in program state ``k`` draws its UMIs from one
     multinomial profile over the study's gene panel (``T * K`` profiles), so sampling costs
     ``O(UMIs)`` instead of ``O(genes)`` per cell: sorted uniforms (exponential spacings) are mapped
@@ -388,7 +388,7 @@ def write_synthetic_studies(
             name = f"study_{s:02d}"
             panel = np.arange(g) if s == 0 else np.sort(srng.choice(g, int(g * srng.uniform(0.75, 1.0)), replace=False))
             logits_rg = profile_rg[:, panel] + srng.normal(0.0, 0.2, len(panel))[None, :]
-            sampler = _StudySampler(logits_rg)
+            sampler = StudySampler(logits_rg)
             umis = sampler.umis_for(genes_per_cell * float(np.exp(srng.uniform(np.log(0.6), np.log(1.6)))))
             mix = srng.dirichlet(np.full(t, 0.7))
             my_tissues = srng.choice(n_tissues, size=int(srng.integers(1, 3)), replace=False)

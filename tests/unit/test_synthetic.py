@@ -185,10 +185,10 @@ def test_studies_differ_in_composition_depth_and_panel(tmp_path):
 
 
 def test_study_counts_follow_the_multinomial_profile():
-    from scldm_scale.data.synthetic import _StudySampler
+    from scldm_scale.data.synthetic import StudySampler
 
     rng = np.random.default_rng(0)
-    sampler = _StudySampler(rng.normal(0.0, 2.0, (3, 200)))
+    sampler = StudySampler(rng.normal(0.0, 2.0, (3, 200)))
     rows = np.repeat(np.arange(3), 3000)
     x = sampler.sample(rows, np.full(len(rows), 150), np.random.default_rng(1))
     assert (np.asarray(x.sum(axis=1)).ravel() == 150).all()  # every UMI lands on one gene

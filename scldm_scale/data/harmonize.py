@@ -114,10 +114,11 @@ def harmonize_file(fi: FileInfo, pos: int, plan: Plan) -> HarmonizedFile:
     if x.data.size and x.data.max() > _INT32_MAX:
         raise ScldmError(f"{path}: {counts.label} has counts above {_INT32_MAX} (max {x.data.max():g}); {fix}")
     keep = np.flatnonzero(var_to_vocab >= 0)
-    x = x[:, keep]
+    if len(keep) < len(var_to_vocab):
+        x = x[:, keep]
     data = x.data if np.issubdtype(x.data.dtype, np.integer) else np.rint(x.data)
     x = scipy.sparse.csr_matrix(
-        (data.astype(np.int32), var_to_vocab[keep][x.indices].astype(np.int32), x.indptr),
+        (data.astype(np.int32, copy=False), var_to_vocab[keep][x.indices].astype(np.int32), x.indptr),
         shape=(fi.n_obs, len(plan.vocab)),
     )
     x.eliminate_zeros()
@@ -237,8 +238,10 @@ def _write_outputs(kind: str, tmp: str, plan: Plan, block_sizes: list[int], repo
             report.info(f"{fi.path}: kept {fi.n_vars - h.n_dropped} of {fi.n_vars} genes "
                         f"({h.n_dropped} not in the vocabulary)")
             dropped[fi.name] = h.n_dropped
-            train = np.flatnonzero(~h.held)
-            if len(train):
+            if not h.held.any():
+                scatter.add(plan.positions(pos), h.x, h.codes_nc, h.names)
+            elif not h.held.all():
+                train = np.flatnonzero(~h.held)
                 scatter.add(plan.positions(pos), h.x[train], h.codes_nc[train], h.names[train])
             if h.held.any():
                 held = np.flatnonzero(h.held)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse
+import scipy.stats
 
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.vocab import GeneVocab
@@ -236,7 +237,8 @@ def write_synthetic_atlas(
 # several studies as raw input files (for prepare and the atlas benchmark)
 
 STUDY_LAYOUTS = ("X", "raw", "layer")  # counts in X; normalized X + counts in .raw.X; normalized X + layers['counts']
-_DRAWS_PER_CHUNK = 1 << 24  # multinomial draws (UMIs) sampled at once
+_DRAWS_PER_CHUNK = 1 << 22  # multinomial draws (UMIs) sampled at once
+_UMI_SIGMA = 0.45  # log-scale spread of the UMIs per cell within a study
 
 
 class StudySampler:
@@ -258,17 +260,22 @@ class StudySampler:
         self.m = 4 * g  # guide buckets per row: about 0.25 extra comparisons per draw
         buckets = np.arange(self.m) / self.m
         guide = [np.searchsorted(cdf[r], buckets, side="right") + r * g for r in range(n_rows)]
-        self.guide = np.concatenate(guide).astype(np.int64)
+        self.guide = np.concatenate(guide).astype(np.int32 if n_rows * g < np.iinfo(np.int32).max else np.int64)
 
     def expected_genes(self, umis: float) -> float:
         """Mean distinct genes of a cell with ``umis`` draws, over the profiles."""
         return float((1.0 - np.exp(-umis * self.p_rg)).sum(axis=1).mean())
 
-    def umis_for(self, genes: float) -> float:
-        lo, hi = 1.0, 1e7
-        for _ in range(60):
+    def umis_for(self, genes: float, sigma: float = 0.0) -> float:
+        """Mean UMIs per cell that give ``genes`` distinct genes on average, when a cell's UMIs are the
+        mean times a mean-one lognormal factor of log-scale ``sigma`` (8-point quadrature)."""
+        z = scipy.stats.norm.ppf((np.arange(8) + 0.5) / 8)
+        factors = np.exp(sigma * z - sigma**2 / 2)
+        lo, hi = float(genes), 100.0 * float(genes)  # a cell has at least as many UMIs as genes
+        for _ in range(25):
             mid = np.sqrt(lo * hi)
-            lo, hi = (mid, hi) if self.expected_genes(mid) < genes else (lo, mid)
+            mean_genes = np.mean([self.expected_genes(mid * f) for f in factors])
+            lo, hi = (mid, hi) if mean_genes < genes else (lo, mid)
         return float(np.sqrt(lo * hi))
 
     def sample(self, row_n: np.ndarray, umis_n: np.ndarray, rng: np.random.Generator) -> scipy.sparse.csr_matrix:
@@ -277,21 +284,20 @@ class StudySampler:
         umis_n = np.asarray(umis_n, dtype=np.int64)
         draws = int(umis_n.sum())
         with_end = umis_n + 1
-        cs = rng.standard_exponential(draws + n)
-        np.cumsum(cs, out=cs)
+        q = rng.standard_exponential(draws + n)
+        np.cumsum(q, out=q)
         ends = np.cumsum(with_end) - 1
-        total = cs[ends]
+        total = q[ends]
         base = np.concatenate([[0.0], total[:-1]])
-        cell = np.repeat(np.arange(n, dtype=np.int32), with_end)
-        q = (cs - base[cell]) * (1.0 / (total - base))[cell]
-        np.minimum(q, 1.0 - 2.0**-40, out=q)  # < 1 also after rounding (the end draw of a cell is dropped below)
-        q += np.asarray(row_n, dtype=np.float64)[cell]
-        del cs
         keep = np.ones(draws + n, dtype=bool)
-        keep[ends] = False
-        q = q[keep]  # sorted uniforms of each cell, shifted by its row: q in [row, row + 1)
-        del keep, cell
-        gene = self.guide[(q * self.m).astype(np.int64)]  # first gene of the bucket (global: row * g + gene)
+        keep[ends] = False  # each cell's last spacing only normalizes its uniforms
+        q = q[keep]
+        del keep
+        q -= np.repeat(base, umis_n)
+        q *= np.repeat(1.0 / (total - base), umis_n)
+        np.minimum(q, 1.0 - 2.0**-40, out=q)  # < 1 also after rounding
+        q += np.repeat(np.asarray(row_n, dtype=np.float64), umis_n)  # sorted uniforms of each cell in [row, row + 1)
+        gene = self.guide[(q * self.m).astype(np.int64)].astype(np.int64)  # first gene of the bucket (row * g + gene)
         todo = np.flatnonzero(self.table[gene] <= q)
         while len(todo):
             gene[todo] += 1
@@ -302,21 +308,35 @@ class StudySampler:
         starts = np.concatenate([[0], np.cumsum(umis_n)[:-1]])
         first[starts[umis_n > 0]] = True
         at = np.flatnonzero(first)
+        del first
         counts = np.diff(np.append(at, draws)).astype(np.int32)
-        nnz_n = np.add.reduceat(first, starts) if draws else np.zeros(n, dtype=np.int64)
-        nnz_n[umis_n == 0] = 0
+        nnz_n = np.diff(np.append(np.searchsorted(at, starts), len(at)))  # cells without UMIs: 0
         indptr = np.concatenate([[0], np.cumsum(nnz_n)]).astype(np.int64)
         rows = np.repeat(np.asarray(row_n, dtype=np.int64), nnz_n)
         indices = (gene[at] - rows * self.g).astype(np.int32)
         return scipy.sparse.csr_matrix((counts, indices, indptr), shape=(n, self.g))
 
 
+def _stack_rows(blocks: list[scipy.sparse.csr_matrix]) -> scipy.sparse.csr_matrix:
+    """The blocks stacked by rows; each block is freed once copied (memory: about one copy of the rows)."""
+    nnz = sum(b.nnz for b in blocks)
+    n, g = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
+    data, indices = np.empty(nnz, dtype=np.int32), np.empty(nnz, dtype=np.int32)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    at = row = 0
+    while blocks:
+        b = blocks.pop(0)
+        data[at : at + b.nnz], indices[at : at + b.nnz] = b.data, b.indices
+        indptr[row + 1 : row + 1 + b.shape[0]] = b.indptr[1:] + at
+        at, row = at + b.nnz, row + b.shape[0]
+    return scipy.sparse.csr_matrix((data, indices, indptr), shape=(n, g))
+
+
 def _normalized(x: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
-    """log1p(counts per 10,000), float32: what CELLxGENE files keep in X."""
+    """log1p(counts per 10,000), float32: what CELLxGENE files keep in X (shares the index arrays of ``x``)."""
     lib = np.maximum(np.asarray(x.sum(axis=1)).ravel(), 1.0)
-    out = x.astype(np.float32)
-    out.data = np.log1p(out.data / np.repeat(lib, np.diff(x.indptr)).astype(np.float32) * 1e4)
-    return out
+    data = np.log1p(x.data.astype(np.float32) / np.repeat(lib, np.diff(x.indptr)).astype(np.float32) * 1e4)
+    return scipy.sparse.csr_matrix((data, x.indices, x.indptr), shape=x.shape, copy=False)
 
 
 def write_synthetic_studies(
@@ -335,7 +355,8 @@ def write_synthetic_studies(
     """Write ``n_studies`` raw input files ``study_00.h5ad ...`` of ``n_cells`` cells in total.
 
     Studies differ as real ones do: cell-type mix (Dirichlet(0.7) per study), sequencing depth
-    (x0.6 - x1.6 of ``genes_per_cell`` expressed genes on average), gene panel (study 0 measures
+    (expressed genes per cell spread over a factor 1.6 / 0.6 between studies, ``genes_per_cell`` on
+    average over all cells), gene panel (study 0 measures
     every gene, the others 75-100% of them), a per-gene batch effect, 1-2 tissues and 2-6 donors of
     their own. Counts are multinomial given a cell's profile (cell type x one of 3 gene-program
     states, shared across studies) with lognormal library sizes. var: Ensembl-like ids with the
@@ -376,6 +397,9 @@ def write_synthetic_studies(
     symbols = np.array([f"SYNG{i + 1}" for i in range(g)], dtype=object)
     sizes = np.maximum(1, np.round(rng.dirichlet(np.full(n_studies, 4.0)) * n_cells).astype(np.int64))
     sizes[np.argmax(sizes)] += n_cells - int(sizes.sum())
+    # sequencing depth: studies spread over x0.6 - x1.6, scaled so that cells average genes_per_cell genes
+    depth_s = rng.permutation(np.geomspace(0.6, 1.6, n_studies))
+    depth_s /= float((depth_s * sizes).sum() / sizes.sum())
     cell_types = [f"celltype_{i}" for i in range(t)]
     tissues = [f"tissue_{i}" for i in range(n_tissues)]
 
@@ -389,22 +413,22 @@ def write_synthetic_studies(
             panel = np.arange(g) if s == 0 else np.sort(srng.choice(g, int(g * srng.uniform(0.75, 1.0)), replace=False))
             logits_rg = profile_rg[:, panel] + srng.normal(0.0, 0.2, len(panel))[None, :]
             sampler = StudySampler(logits_rg)
-            umis = sampler.umis_for(genes_per_cell * float(np.exp(srng.uniform(np.log(0.6), np.log(1.6)))))
+            umis = sampler.umis_for(genes_per_cell * depth_s[s], sigma=_UMI_SIGMA)
             mix = srng.dirichlet(np.full(t, 0.7))
             my_tissues = srng.choice(n_tissues, size=int(srng.integers(1, 3)), replace=False)
             donors = [f"{name}_donor_{j}" for j in range(int(srng.integers(2, 7)))]
             n = int(sizes[s])
             type_n = srng.choice(t, size=n, p=mix)
             row_n = type_n * n_states + srng.integers(0, n_states, n)
-            umis_n = np.maximum(1, np.round(umis * np.exp(srng.normal(-0.1, 0.45, n)))).astype(np.int64)
+            factor_n = np.exp(srng.normal(-_UMI_SIGMA**2 / 2, _UMI_SIGMA, n))  # mean one
+            umis_n = np.maximum(1, np.round(umis * factor_n)).astype(np.int64)
             per_chunk = max(1, int(_DRAWS_PER_CHUNK // max(1.0, float(umis_n.mean()))))
             blocks = []
             for lo in range(0, n, per_chunk):
                 blocks.append(sampler.sample(row_n[lo : lo + per_chunk], umis_n[lo : lo + per_chunk], srng))
                 if bar is not None:
                     bar.advance(task, min(per_chunk, n - lo))
-            counts = scipy.sparse.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
-            del blocks
+            counts = _stack_rows(blocks)
             obs = pd.DataFrame(
                 {
                     "cell_type": pd.Categorical.from_codes(type_n, cell_types),

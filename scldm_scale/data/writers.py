@@ -221,8 +221,9 @@ class SomaWriter:
     """One SOMA experiment written cell block by cell block; ``soma_joinid`` = ``cell_index``.
 
     The shapes are known up front (training cells x vocabulary), so the experiment is created
-    once with its final domain and full enumerations, and each block is a plain write of its obs
-    rows and X coordinates (no registration pass over the growing experiment).
+    once with its final domain and full enumerations, and each block (consecutive cells, in
+    ``cell_index`` order) is a plain write of its obs rows and X coordinates, already in TileDB's
+    global order (no registration pass over the growing experiment, no sort).
     """
 
     def __init__(
@@ -260,13 +261,19 @@ class SomaWriter:
                 "var", schema=pa.schema(var_fields), index_column_names=["soma_joinid"], domain=[(0, g - 1)]
             )
             var_df.write(pa.table(var_cols))
-            rna.add_new_collection("X").add_new_sparse_ndarray(X_LAYER, type=pa.int32(), shape=(n_cells, g))
+            # one space tile spans all genes: a cell's counts are contiguous (rows are what sources read), and
+            # row-major blocks are already in TileDB's global order, so writes need no sort
+            tiles = {"soma_dim_0": {"tile": min(2048, n_cells)}, "soma_dim_1": {"tile": g}}
+            rna.add_new_collection("X").add_new_sparse_ndarray(
+                X_LAYER, type=pa.int32(), shape=(n_cells, g), platform_config={"tiledb": {"create": {"dims": tiles}}}
+            )
         self.labels = label_columns
         self.enums = enums
         self.exp = soma.Experiment.open(uri, "w")  # reopened: writes see the extended enumerations
 
     def add(self, x: scipy.sparse.csr_matrix, obs: pd.DataFrame) -> None:
         import pyarrow as pa
+        import tiledbsoma as soma
 
         rows = obs["cell_index"].to_numpy(np.int64)
         table = {"soma_joinid": rows, "obs_id": pa.array(obs.index.astype(str).tolist(), pa.large_string())}
@@ -275,7 +282,11 @@ class SomaWriter:
             table[c] = pa.DictionaryArray.from_arrays(codes, self.enums[c])
         table["cell_index"] = rows
         self.exp.obs.write(pa.table(table))
-        coo = x.tocoo()
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+            raise ValueError("SomaWriter.add: cells must come in ascending cell_index order")
+        x = scipy.sparse.csr_matrix(x)
+        x.sort_indices()
+        coo = x.tocoo()  # row-major with ascending genes: TileDB's global order for the tiles above
         self.exp.ms[MEASUREMENT].X[X_LAYER].write(
             pa.table(
                 {
@@ -283,7 +294,8 @@ class SomaWriter:
                     "soma_dim_1": coo.col.astype(np.int64),
                     "soma_data": coo.data.astype(np.int32),
                 }
-            )
+            ),
+            platform_config=soma.TileDBWriteOptions(sort_coords=False),
         )
         self.nnz += x.nnz
 

@@ -177,7 +177,11 @@ class H5ADSource(StreamSource):
 
     @classmethod
     def read_tables(cls, cfg: DataConfig) -> tuple[GeneVocab, LabelTables]:
-        """``data.vocab_path`` / ``data.labels_path``, else ``vocab.json`` / ``labels.json`` beside the shards."""
+        """``data.vocab_path`` / ``data.labels_path``, else ``vocab.json`` / ``labels.json`` beside the shards
+        (a ``data.path`` that does not exist is named as such)."""
+        path = os.path.expanduser(str(cfg.path))
+        if not any(c in path for c in "*?[{") and not os.path.exists(path):
+            resolve_shards(path)  # raises, naming the path
         return prepared_tables(cfg)
 
     def __getstate__(self) -> dict:

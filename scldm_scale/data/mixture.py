@@ -232,6 +232,9 @@ class MixtureSource(StreamSource):
         for source in self.sources:
             yield from source.inference_batches(rank, world, batch_size)
 
+    def inference_cells(self, rank: int, world: int) -> int:
+        return sum(source.inference_cells(rank, world) for source in self.sources)
+
     def library_size_stats(self, max_cells: int = 4096) -> tuple[float, float]:
         """The members' statistics pooled with the mixture weights."""
         stats = np.array([s.library_size_stats(max_cells) for s in self.sources])

@@ -92,6 +92,9 @@ class Source(Protocol):
     def inference_batches(self, rank: int, world: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Rank ``rank``'s share of one pass over every selected cell (see the module docstring)."""
 
+    def inference_cells(self, rank: int, world: int) -> int:
+        """How many cells :meth:`inference_batches` gives rank ``rank`` (for progress bars)."""
+
 
 class Block(NamedTuple):
     """Cells to read as one batch: ``positions`` in the source's selection, ``key`` seeds the tokenizer."""
@@ -232,6 +235,10 @@ class StreamSource(ABC):
     @property
     def cells_per_epoch(self) -> int:
         return self.n_cells
+
+    def inference_cells(self, rank: int, world: int) -> int:
+        lo, hi = inference_range(self.n_cells, rank, world)
+        return hi - lo
 
     def stream_positions(self, start: int, n: int) -> np.ndarray:
         """Selection positions of stream cells ``[start, start + n)`` (across epoch boundaries)."""

@@ -65,6 +65,7 @@ def stage(rank: int, world: int, specs: dict, out: str, tag: str, plan: dict) ->
         res[f"{name}_inference"] = (np.concatenate([b["cell_index_n"].numpy() for b in batches]) if batches
                                     else np.zeros(0, dtype=np.int64))
         res[f"{name}_inference_sizes"] = np.array([len(b["cell_index_n"]) for b in batches], dtype=np.int64)
+        assert source.inference_cells(rank, world) == len(res[f"{name}_inference"])
         if hasattr(source, "choices"):  # a mixture: its draw plan and each member's own stream
             res[f"{name}_choices"] = np.concatenate([source.choices(e) for e in range(3)])
             for s, member in enumerate(source.sources):

@@ -72,8 +72,8 @@ def test_global_order_is_a_seeded_permutation_and_idempotent(studies, tmp_path):
     prepare_h5ad(studies, tmp_path / "b", shard_size=300, labels=labels, seed=5, progress=False)
     for name in [s["file"] for s in meta["shards"]] + ["vocab.json", "labels.json"]:
         assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False), name
-    other = _rows(tmp_path / "c") if prepare_h5ad(studies, tmp_path / "c", shard_size=300, labels=labels, seed=6,
-                                                  progress=False) else None
+    prepare_h5ad(studies, tmp_path / "c", shard_size=300, labels=labels, seed=6, progress=False)
+    other = _rows(tmp_path / "c")
     assert sorted(other.obs_names) == sorted(rows.obs_names) and list(other.obs_names) != list(rows.obs_names)
     # idempotent: a re-run is up to date and writes nothing
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}

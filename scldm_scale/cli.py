@@ -70,7 +70,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise ScldmError("--shard-size applies to `prepare h5ad`; a SOMA experiment has no shards, drop it")
     common = dict(labels=args.labels, vocab_path=args.vocab, min_files=args.min_files,
                   heldout_fraction=args.heldout_fraction or 0.0, seed=args.seed, overwrite=args.overwrite,
-                  require_labels=args.require_labels, progress=not args.quiet)
+                  counts=args.counts, require_labels=args.require_labels, progress=not args.quiet)
     if args.kind == "h5ad":
         res = harmonize.prepare_h5ad(inputs, out, shard_size=args.shard_size or 10_000, **common)
     else:
@@ -120,7 +120,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
         return
     from scldm_scale.api.latents import encode_dataset
 
-    out = encode_dataset(args.vae_run, data_path=args.data or "", out_dir=args.out or "", batch_size=args.batch_size,
+    overrides = ([f"data.path={args.data}"] if args.data else []) + list(args.items)
+    out = encode_dataset(args.vae_run, overrides, out_dir=args.out or "", batch_size=args.batch_size,
                          device=args.device, progress=not args.quiet)
     if _is_rank0():
         print(f"latents written to {out}")
@@ -275,9 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", type=int, default=2_000, help="synthetic: genes (e.g. --genes 20000)")
     p.add_argument("--shards", type=int, default=4, help="synthetic: number of shards (e.g. --shards 8)")
     p.add_argument("--cell-types", type=int, default=8, help="synthetic: cell types (e.g. --cell-types 20)")
-    p.add_argument("--shard-size", type=int, help="h5ad: cells per output shard, default 10000 (e.g. --shard-size 50000)")
+    p.add_argument("--shard-size", type=int,
+                   help="h5ad: cells per output shard (default 10000); cells are written in a seeded random order "
+                        "across all inputs (--seed) (e.g. --shard-size 50000)")
     p.add_argument("--labels", nargs="+", default=["cell_type"], metavar="COLUMN",
-                   help="h5ad/soma: obs columns harmonized into label tables (e.g. --labels cell_type tissue donor)")
+                   help="h5ad/soma: obs columns harmonized into label tables (default: cell_type); a column no "
+                        "input has is an error (e.g. --labels cell_type tissue donor)")
+    p.add_argument("--counts", default="auto", metavar="auto|X|raw|layer:NAME",
+                   help="h5ad/soma: where the inputs keep raw integer counts: X, .raw.X (CELLxGENE files) or a "
+                        "layer; auto (default) takes the first integer-valued of X, .raw.X, layers['counts'] and "
+                        "logs which (e.g. --counts raw or --counts layer:counts)")
     p.add_argument("--vocab", help="h5ad/soma: use this vocab.json instead of the union of the inputs' genes "
                                    "(e.g. --vocab runs/atlas/vocab.json)")
     p.add_argument("--min-files", type=int, default=1,
@@ -287,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-fraction", type=float, default=None,
                    help="fraction of cells written to heldout.h5ad; default 0.1 synthetic, 0 h5ad/soma "
                         "(e.g. --heldout-fraction 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the synthetic data (e.g. --seed 1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic atlas, the held-out cells and the global cell order (e.g. --seed 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_prepare)
@@ -309,10 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "encode", "latents of a dataset with a trained VAE: a latent cache for stage 2, or obsm of an .h5ad",
              "  torchrun --standalone --nproc_per_node=2 -m scldm_scale.cli encode --vae-run runs/quickstart-vae\n"
-             "  scldm-scale encode --vae-run runs/quickstart-vae --h5ad cells.h5ad --out cells_latent.h5ad")
+             "  scldm-scale encode --vae-run runs/my-vae data.source=soma data.path=atlas.soma\n"
+             "  scldm-scale encode --vae-run runs/quickstart-vae --h5ad cells.h5ad --out cells_latent.h5ad",
+             description="Encode with a trained VAE: every cell of its training data (or of the data the data.* "
+                         "overrides name: any source, h5ad shards, SOMA / Census, mixture) into a latent cache "
+                         "for stage 2, split over the ranks under torchrun; or one .h5ad into obsm['X_scldm'].")
     p.add_argument("--vae-run", required=True, help="run directory of the trained VAE (e.g. --vae-run runs/my-vae)")
-    p.add_argument("--data", help="data to encode into the latent cache; default: the VAE run's data.path "
-                                  "(e.g. --data runs/atlas)")
+    p.add_argument("--data", help="shorthand for data.path=...: the data to encode into the latent cache; "
+                                  "default: the VAE run's data (e.g. --data runs/atlas)")
+    p.add_argument("items", nargs="*", metavar="data.key=value",
+                   help="overrides of the VAE run's data section (e.g. data.source=soma data.path=atlas.soma)")
     p.add_argument("--h5ad", help="encode this .h5ad instead and write it to --out with obsm['X_scldm'] "
                                   "(e.g. --h5ad pbmc.h5ad)")
     p.add_argument("--layer", help="with --h5ad: where the raw counts are: raw (adata.raw.X) or a layer name; "

@@ -270,6 +270,13 @@ def load_config(recipes: Sequence[str | os.PathLike] = (), overrides: Sequence[s
     return _merge(cfg, layers)
 
 
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A typed config with ``key=value`` overrides applied (same checks and messages as recipes)."""
+    base = OmegaConf.structured(cfg)
+    OmegaConf.set_struct(base, True)
+    return to_object(_merge(base, _layers([], overrides)))
+
+
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config atomically."""
     path = Path(path)

@@ -3,7 +3,8 @@
 Genes are matched by id or by symbol, whichever matches more of the vocabulary: the candidates are
 ``var_names`` and the usual id / symbol columns of ``var`` (``gene_ids``, ``feature_id``,
 ``ensembl_id``, ``gene_symbols``, ``feature_name``, ...), compared with the vocabulary's gene ids
-(Ensembl version suffixes ignored). Genes outside the vocabulary are dropped and counted; the
+(Ensembl version suffixes ignored) and, when the vocabulary keeps them, its gene symbols (a symbol
+shared by several ids matches none of them). Genes outside the vocabulary are dropped and counted; the
 summary is logged and returned (:class:`GeneMatch`).
 """
 
@@ -59,6 +60,18 @@ class GeneMatch:
                 "genes absent from the data count as zero")
 
 
+def symbol_map(vocab: GeneVocab, names) -> np.ndarray | None:
+    """Vocabulary index of every name read as a gene symbol (-1 = none, or a symbol of several ids);
+    None when the vocabulary keeps no symbols."""
+    symbols = vocab.symbols
+    if symbols is None:
+        return None
+    sym = pd.Series(symbols, dtype=object)
+    keep = ((sym != "") & ~sym.duplicated(keep=False)).to_numpy()
+    pos = pd.Index(sym[keep].to_numpy()).get_indexer(pd.Index(np.asarray(names, dtype=object).astype(str)))
+    return np.where(pos >= 0, np.flatnonzero(keep)[pos], -1).astype(np.int64)
+
+
 def match_genes(var: pd.DataFrame, vocab: GeneVocab, gene_key: str | None = None,
                 where: str = "adata") -> GeneMatch:
     """Map ``var`` (its index and id / symbol columns) onto ``vocab``. ``gene_key``: a var column to
@@ -77,10 +90,14 @@ def match_genes(var: pd.DataFrame, vocab: GeneVocab, gene_key: str | None = None
         candidates = {key: candidates[key]}
     best: GeneMatch | None = None
     for key, names in candidates.items():
-        for idx in (vocab.index_map(names), vocab.index_map(_strip_version(names))):
+        maps = [(vocab.index_map(names), key), (vocab.index_map(_strip_version(names)), key)]
+        by_symbol = symbol_map(vocab, names)
+        if by_symbol is not None:
+            maps.append((by_symbol, f"{key} as symbols"))
+        for idx, how in maps:
             n = int((idx >= 0).sum())
             if best is None or n > best.n_matched:
-                best = GeneMatch(idx, key, len(names), n, len(vocab))
+                best = GeneMatch(idx, how, len(names), n, len(vocab))
     assert best is not None
     if best.n_matched == 0:
         shown = {k: list(v[:3]) for k, v in candidates.items()}

@@ -192,7 +192,10 @@ class ScLDM:
     def _output(self, counts_ng, latents_nk, obs: pd.DataFrame, provenance: dict, means_ng=None):
         import anndata as ad
 
-        out = ad.AnnData(X=counts_ng, obs=obs, var=pd.DataFrame(index=pd.Index(self.gene_ids, name="gene_id")))
+        var = pd.DataFrame(index=pd.Index(self.gene_ids, name="gene_id"))
+        if self._vae.vocab.symbols is not None:  # ids and symbols, as CELLxGENE files carry them
+            var["feature_name"] = self._vae.vocab.symbols
+        out = ad.AnnData(X=counts_ng, obs=obs, var=var)
         out.obsm[LATENT_KEY] = latents_nk
         if means_ng is not None:
             out.layers["scldm_mean"] = means_ng

@@ -23,6 +23,7 @@ from scldm_scale.config import DecodeGenes, Stage, derive
 from scldm_scale.data.config import SourceKind
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.latent_cache import read_latent_stats
+from scldm_scale.data.loader import build_source
 from scldm_scale.errors import ScldmError
 from scldm_scale.flow.guidance import drop_labels
 from scldm_scale.flow.interpolant import TimeSampling
@@ -105,27 +106,23 @@ class VAEStage:
     name = Stage.VAE
 
     def __init__(self, cfg: DictConfig) -> None:
-        from scldm_scale.data.loader import check_count_sources, library_size_stats, load_vocab_and_labels
-
         if SourceKind(cfg.data.source) == SourceKind.LATENTS:
             raise ScldmError(
                 "run.stage=vae needs count data; set data.source=h5ad, soma or mixture (latents are for run.stage=ldm)"
             )
         self.cfg = cfg
-        check_count_sources(cfg.data)
-        self.vocab, self.labels = load_vocab_and_labels(cfg.data)
+        self.source = build_source(cfg.data)  # checks the data (shards, experiment, members) as it opens it
+        self.vocab, self.labels = self.source.vocab, self.source.labels
         derive(cfg, n_genes=len(self.vocab), label_cardinalities=self.labels.cardinalities,
-               log_library=library_size_stats(cfg.data))
+               log_library=self.source.library_size_stats())
         self.model_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
         self.decode_mode = DecodeGenes(cfg.train.decode_genes)
 
     def build_model(self) -> nn.Module:
         return ScVAE(self.model_cfg)
 
-    def build_dataset(self):
-        from scldm_scale.data.loader import build_dataset
-
-        return build_dataset(self.cfg.data, self.vocab, self.labels)
+    def build_source(self):
+        return self.source
 
     def loss(self, engine, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         n_genes = self.model_cfg.n_genes
@@ -189,10 +186,8 @@ class LDMStage:
     def build_model(self) -> nn.Module:
         return DiT(self.model_cfg)
 
-    def build_dataset(self):
-        from scldm_scale.data.loader import build_dataset
-
-        return build_dataset(self.cfg.data, None, self.labels)
+    def build_source(self):
+        return build_source(self.cfg.data, labels=self.labels)
 
     def loss(self, engine, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         z_nmz = batch["z_nmz"].float()

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from scldm_scale import comm
 from scldm_scale.config import load_config, run_dir, save_config
-from scldm_scale.data.loader import StatefulLoader
 from scldm_scale.errors import ScldmError
 from scldm_scale.train.checkpoint import (
     client_states,
@@ -96,8 +95,7 @@ class Trainer:
 
         torch.manual_seed(int(cfg.run.seed) * 1000 + self.rank)  # per-rank stream (dropout, posterior noise)
         self.generator = torch.Generator(device=self.dist.device).manual_seed(int(cfg.run.seed) * 7919 + self.rank)
-        self.loader = StatefulLoader(self.stage.build_dataset(), num_workers=int(cfg.data.num_workers),
-                                     pin_memory=self.dist.device.type == "cuda")
+        self.source = self.stage.build_source()  # the data position is the source's (scldm_scale.data.source)
         self.step = 0
         if self.resume:
             self._resume()
@@ -117,7 +115,7 @@ class Trainer:
     def _client_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "step": self.step,
-            "data": self.loader.state_dict(),
+            "data": self.source.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "rng_generator": self.generator.get_state(),
             "world_size": self.world,
@@ -136,12 +134,8 @@ class Trainer:
             return
         self.step = int(client["step"])
         data_state = dict(client["data"])
-        if self.universal:
-            # every rank reads the global order strided by rank, so k batches on W ranks are exactly the
-            # first k*b*W cells of the epoch: continue after the same number of cells on the new world
-            cells = int(data_state["batches_consumed"]) * self.micro_batch * int(self.saved_world)
-            data_state["batches_consumed"] = cells // (self.micro_batch * self.world)
-        self.loader.load_state_dict(data_state)
+        data_state.setdefault("world_size", int(client.get("world_size", self.world)))  # the world it was taken at
+        self.source.load_state_dict(data_state)  # any world size: the source continues after the same cells
         if not self.universal:  # RNG streams are per rank: only meaningful on the same world size
             torch.set_rng_state(client["rng_torch"])
             self.generator.set_state(client["rng_generator"])
@@ -201,7 +195,8 @@ class Trainer:
         self.logger.log(self._derived_metrics(reduced, elapsed), self.step)
 
     def train(self) -> None:
-        batches = iter(self.loader)
+        batches = self.source.batches(num_workers=int(self.cfg.data.num_workers),
+                                      pin_memory=self.dist.device.type == "cuda")
         ckpt_every = int(self.cfg.train.ckpt_every)
         log_every = max(1, int(self.cfg.train.log_every))
         window: dict[str, torch.Tensor] = {}

@@ -106,21 +106,13 @@ def stratified_split(labels, heldout_fraction: float = 0.2, seed: int = 0):
 
 
 def select_hvg(train, n_top: int) -> list[str]:
-    """Top ``n_top`` highly variable genes of the training cells (``seurat_v3`` on raw counts)."""
-    import numpy as np
-    import scanpy as sc
+    """Top ``n_top`` highly variable genes of the training cells (``seurat_v3`` on raw counts, the
+    definition ``evaluate`` uses)."""
+    from scldm_scale.eval.representation import highly_variable_genes
 
     if n_top <= 0 or n_top >= train.n_vars:
         return list(train.var_names)
-    a = train.copy()
-    try:
-        sc.pp.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=n_top)
-    except ImportError:  # seurat_v3 needs scikit-misc; fall back to dispersions of log-normalized data
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-        sc.pp.highly_variable_genes(a, flavor="seurat", n_top_genes=n_top)
-    keep = np.asarray(a.var["highly_variable"], dtype=bool)
-    return list(train.var_names[keep])
+    return list(train.var_names[highly_variable_genes(train.X, n_top)])
 
 
 def _gene_index(adata):
@@ -199,7 +191,7 @@ def _run(cmd: list[str], logfile: Path, env: dict, done: Path) -> None:
 
 
 def _cli(nproc: int, args: list[str]) -> list[str]:
-    from scldm_scale.tasks.demo import torchrun
+    from scldm_scale.demo import torchrun
 
     return torchrun(nproc, args)
 
@@ -215,7 +207,8 @@ def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_st
     first being ``seed``), through the CLI; returns ([AnnData per generation seed], info)."""
     import anndata as ad
 
-    from scldm_scale.tasks.generate import generate
+    from scldm_scale.api import ScLDM
+    from scldm_scale.io import write_h5ad_atomic
 
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
@@ -247,12 +240,14 @@ def run_ours(work: Path, label: str, n_train: int, nproc: int, vae_steps, ldm_st
         times[name] = round(time.perf_counter() - t0, 1)
         times_file.write_text(json.dumps(times))
         log(f"ours: {name}: {times[name]:.0f} s")
+    model = None
     for gen_seed in gen_seeds:
         out = generated_path(work, "ours", gen_seed, seed)
         if out.is_file():
             continue
         t0 = time.perf_counter()
-        generate(str(work / "ldm"), conditions, str(out), seed=gen_seed, progress=False)
+        model = model or ScLDM.load(work / "ldm", device="cpu")
+        write_h5ad_atomic(model.generate(conditions, seed=gen_seed), out)
         if gen_seed == seed:  # the budget counts one generation
             times["generate"] = round(time.perf_counter() - t0, 1)
             times_file.write_text(json.dumps(times))
@@ -310,7 +305,7 @@ def bench_dataset(name: str, path: Path, label: str, root: Path, args, budget) -
 
     from scldm_scale.eval.baselines import independent_genes_baseline, label_matched_cells, real_vs_real_split
     from scldm_scale.eval.evaluate import compare
-    from scldm_scale.tasks.generate import conditions_matching
+    from scldm_scale.api import conditions_matching
 
     vae_steps, ldm_steps, scvi_epochs = budget
     settings = {"data": str(path.resolve()), "label": label, "seed": args.seed, "heldout": args.heldout_fraction,
@@ -332,7 +327,7 @@ def bench_dataset(name: str, path: Path, label: str, root: Path, args, budget) -
     train = ad.read_h5ad(work / "train.h5ad")
     heldout = ad.read_h5ad(work / "heldout.h5ad")
     reference, real_b = real_vs_real_split(heldout, seed=args.seed)
-    conditions = conditions_matching(str(work / "heldout.h5ad"), [label], n_cells=real_b.n_obs)
+    conditions = conditions_matching(heldout.obs, [label], n_cells=real_b.n_obs)
     cond_obs = conditions_frame(conditions, label)
 
     gen_seeds = [args.seed + k for k in range(args.gen_seeds)]

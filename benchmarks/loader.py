@@ -234,10 +234,10 @@ def _vocab_labels(atlas: str):
     return GeneVocab.load(os.path.join(atlas, "vocab.json")), LabelTables.load(os.path.join(atlas, "labels.json"))
 
 
-def _run_loader(loader, n_batches: int, type_col: int | None) -> dict:
-    """Iterate a StatefulLoader for ``n_batches``; cells/s from the first ``iter`` (worker start-up included)."""
+def _run_loader(source, workers: int, n_batches: int, type_col: int | None) -> dict:
+    """Iterate a source's training batches for ``n_batches``; cells/s from the start (worker start-up included)."""
     t0 = time.perf_counter()
-    it = iter(loader)
+    it = source.batches(num_workers=workers)
     cells, entropies = 0, []
     for _ in range(n_batches):
         batch = next(it)
@@ -254,7 +254,7 @@ def _run_loader(loader, n_batches: int, type_col: int | None) -> dict:
 
 def task_soma_ours(a: dict) -> dict:
     from scldm_scale.data.config import DataConfig, SourceKind
-    from scldm_scale.data.loader import StatefulLoader, build_dataset
+    from scldm_scale.data.loader import build_source
 
     vocab, labels = _vocab_labels(a["atlas"])
     cfg = DataConfig(
@@ -262,10 +262,10 @@ def task_soma_ours(a: dict) -> dict:
         chunk_size=a["chunk"], shuffle_buffer=a["buffer"], max_genes=a["max_genes"], seed=0,
     )
     t = time.perf_counter()
-    ds = build_dataset(cfg, vocab, labels)
+    ds = build_source(cfg, vocab, labels)
     setup = time.perf_counter() - t
     col = labels.attributes.index("cell_type")
-    out = _run_loader(StatefulLoader(ds, num_workers=a["workers"]), a["batches"], col)
+    out = _run_loader(ds, a["workers"], a["batches"], col)
     # fully random order of the same cells: the reference entropy
     codes = ds.label_codes_na[:, col].astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(codes))
@@ -312,7 +312,7 @@ def task_h5ad(a: dict) -> dict:
     from cellarium.ml.utilities.data import AnnDataField
 
     from scldm_scale.data.config import DataConfig
-    from scldm_scale.data.loader import StatefulLoader, build_dataset
+    from scldm_scale.data.loader import build_source
     from scldm_scale.data.validate import resolve_shards
 
     from cellarium.ml.utilities.data import densify
@@ -345,15 +345,15 @@ def task_h5ad(a: dict) -> dict:
         out[name] = {"cells": cells, "seconds": dt, "cells_per_s": cells / dt}
     vocab, labels = _vocab_labels(a["atlas"])
     cfg = DataConfig(path=a["atlas"], batch_size=a["batch"], max_genes=a["max_genes"], seed=0)
-    ds = build_dataset(cfg, vocab, labels, validate=False)
-    out["tokens"] = _run_loader(StatefulLoader(ds, num_workers=a["workers"]), a["batches"], None)
+    ds = build_source(cfg, vocab, labels, validate=False)
+    out["tokens"] = _run_loader(ds, a["workers"], a["batches"], None)
     return out
 
 
 def task_rss(a: dict) -> dict:
     """Peak RSS of our full path to token batches (h5ad or SOMA) for a fixed number of batches."""
     from scldm_scale.data.config import DataConfig, SourceKind
-    from scldm_scale.data.loader import StatefulLoader, build_dataset
+    from scldm_scale.data.loader import build_source
 
     if a["source"] == "raw_dadc":  # reference: cellarium's own iteration, no tokens
         import torch
@@ -381,8 +381,8 @@ def task_rss(a: dict) -> dict:
                          shuffle_buffer=a["buffer"], max_genes=a["max_genes"], seed=0)
     else:
         cfg = DataConfig(path=a["path"], batch_size=a["batch"], max_genes=a["max_genes"], seed=0)
-    ds = build_dataset(cfg, vocab, labels, validate=False)
-    out = _run_loader(StatefulLoader(ds, num_workers=a["workers"]), a["batches"], None)
+    ds = build_source(cfg, vocab, labels, validate=False)
+    out = _run_loader(ds, a["workers"], a["batches"], None)
     out.update(n_cells=int(ds.n_cells), rss_mb=_peak_rss_mb())
     return out
 

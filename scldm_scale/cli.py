@@ -1,4 +1,5 @@
-"""`scldm-scale` command line: prepare, train, encode, generate, evaluate, export, sweep, report, demo.
+"""`scldm-scale`: prepare data, train both stages, encode, generate, transfer, evaluate, export, sweep,
+report, demo.
 
 Training is launched by torchrun / the deepspeed launcher (one process per device) or runs as a
 single process::
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
+from scldm_scale import __version__
 from scldm_scale.errors import ScldmError
 
 
@@ -22,6 +25,29 @@ def _split_recipes(items: Sequence[str]) -> tuple[list[str], list[str]]:
     recipes = [i for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]
     return recipes, overrides
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _key_values(items: Sequence[str] | None, flag: str, example: str, cast=str) -> dict:
+    """``["a=1", "b=2"]`` -> ``{"a": cast("1"), ...}``; a malformed item names ``flag`` and an example."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            out[key.strip()] = cast(value.strip())
+        except ValueError:
+            raise ScldmError(f"{flag} '{item}': expected attribute=value (e.g. {flag} {example})") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -45,7 +71,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise ScldmError("--shard-size applies to `prepare h5ad`; a SOMA experiment has no shards, drop it")
     common = dict(labels=args.labels, vocab_path=args.vocab, min_files=args.min_files,
                   heldout_fraction=args.heldout_fraction or 0.0, seed=args.seed, overwrite=args.overwrite,
-                  require_labels=args.require_labels, progress=not args.quiet)
+                  counts=args.counts, require_labels=args.require_labels, progress=not args.quiet)
     if args.kind == "h5ad":
         res = harmonize.prepare_h5ad(inputs, out, shard_size=args.shard_size or 10_000, **common)
     else:
@@ -68,46 +94,92 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(dry_run(recipes, overrides))
         return
     from scldm_scale.config import load_config
-    from scldm_scale.train.trainer import train
 
     cfg = load_config(recipes, overrides)
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return
+    from scldm_scale.train.trainer import train
+
     out = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank0():
         print(f"run directory: {out}")
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    from scldm_scale.tasks.encode import encode
+    if args.h5ad:
+        import anndata as ad
 
-    out = encode(args.vae_run, data_path=args.data or "", out_dir=args.out or "", batch_size=args.batch_size,
-                 progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+        from scldm_scale.api.model import ScLDM
+        from scldm_scale.io import write_h5ad_atomic
+
+        if not args.out:
+            raise ScldmError("--h5ad needs --out OUT.h5ad (the cells with their latents in obsm['X_scldm'])")
+        if not os.path.isfile(args.h5ad):
+            raise ScldmError(f"{args.h5ad}: file not found")
+        model = ScLDM.load(args.vae_run, device=args.device)
+        adata = model.encode(ad.read_h5ad(args.h5ad), layer=args.layer, gene_key=args.gene_key,
+                             batch_size=args.batch_size, progress=not args.quiet)
+        print(f"wrote {adata.n_obs} cells with obsm['X_scldm'] to {write_h5ad_atomic(adata, args.out)}")
+        return
+    from scldm_scale.api.latents import encode_dataset
+
+    overrides = ([f"data.path={args.data}"] if args.data else []) + list(args.items)
+    out = encode_dataset(args.vae_run, overrides, out_dir=args.out or "", batch_size=args.batch_size,
+                         device=args.device, progress=not args.quiet)
+    if _is_rank0():
         print(f"latents written to {out}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from scldm_scale.data.labels import LabelTables
-    from scldm_scale.tasks.generate import conditions_matching, generate, parse_condition, read_conditions_file
-    from scldm_scale.train.export import export_path
+def _sampler_overrides(args: argparse.Namespace) -> dict:
+    return dict(guidance=_key_values(args.guidance, "--guidance", "cell_type=2.0", float) or None,
+                guidance_interval=args.guidance_interval, steps=args.steps, sampler=args.sampler,
+                diffusion=args.diffusion)
 
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from scldm_scale import comm
+    from scldm_scale.api.conditions import parse_condition, read_conditions_file, read_obs
+    from scldm_scale.api.model import ScLDM
+    from scldm_scale.io import write_h5ad_atomic
+
+    comm.init_distributed()
     conditions = [parse_condition(c, args.n_cells or 100) for c in args.condition or []]
     if args.conditions:
         conditions += read_conditions_file(args.conditions)
-    if args.match:
-        attributes = LabelTables.load(export_path(args.ldm_run) / "labels.json").attributes
-        conditions += conditions_matching(args.match, attributes, args.n_cells, args.seed)
-    guidance = {}
-    for item in args.guidance or []:
-        key, _, value = item.partition("=")
-        try:
-            guidance[key] = float(value)
-        except ValueError:
-            raise ScldmError(f"--guidance '{item}': expected attribute=weight (e.g. cell_type=2.0)") from None
-    out = generate(args.ldm_run, conditions, args.out, guidance=guidance, num_steps=args.steps,
-                   sampler=args.sampler, diffusion=args.diffusion, guidance_interval=args.guidance_interval,
-                   seed=args.seed, batch_size=args.batch_size,
-                   use_ema=not args.no_ema, progress=not args.quiet)
-    print(f"wrote {sum(n for _, n in conditions)} cells to {out}")
+    model = ScLDM.load(args.ldm_run, device=args.device, ema=not args.no_ema)
+    obs = read_obs(args.match) if args.match else None
+    gen = model.generate(conditions, obs=obs, n_cells=args.n_cells if args.match else None, seed=args.seed,
+                         batch_size=args.batch_size, progress=not args.quiet, **_sampler_overrides(args))
+    if gen is not None:  # rank 0
+        write_h5ad_atomic(gen, args.out)
+        print(f"wrote {gen.n_obs} cells to {args.out}")
+    comm.barrier()
+
+
+def cmd_transfer(args: argparse.Namespace) -> None:
+    import anndata as ad
+
+    from scldm_scale import comm
+    from scldm_scale.api.model import ScLDM
+    from scldm_scale.io import write_h5ad_atomic
+
+    comm.init_distributed()
+    to = _key_values(args.to, "--to", "cell_type='B cell'")
+    if not to:
+        raise ScldmError("--to is required: the new condition, e.g. --to cell_type='B cell'")
+    if not os.path.isfile(args.data):
+        raise ScldmError(f"{args.data}: file not found")
+    model = ScLDM.load(args.ldm_run, device=args.device, ema=not args.no_ema)
+    moved = model.transfer(ad.read_h5ad(args.data), to=to, strength=args.strength, layer=args.layer,
+                           gene_key=args.gene_key, seed=args.seed, batch_size=args.batch_size,
+                           progress=not args.quiet, **_sampler_overrides(args))
+    if moved is not None:
+        write_h5ad_atomic(moved, args.out)
+        print(f"wrote {moved.n_obs} transferred cells to {args.out}")
+    comm.barrier()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -127,9 +199,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from scldm_scale.train.checkpoint import export_run
+    from scldm_scale.train.trainer import export_run
 
     print(f"exported to {export_run(args.run)}")
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from scldm_scale.config import recipe_names, recipe_summary, resolve_recipe
+
+    if args.name:
+        print(resolve_recipe(args.name).read_text(), end="")
+        return
+    names = recipe_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {recipe_summary(resolve_recipe(name))}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -153,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from scldm_scale.tasks.demo import run_demo
+    from scldm_scale.demo import run_demo
 
     ok = run_demo(args.out, n_cells=args.cells, n_genes=args.genes, nproc=args.nproc, recipe=args.recipe,
                   overrides=args.items)
@@ -161,140 +245,276 @@ def cmd_demo(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scldm-scale", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
 
-    p = sub.add_parser(
-        "prepare", help="write training data: a synthetic atlas, or h5ad files harmonized into shards / SOMA",
-        description="prepare synthetic OUT | prepare h5ad IN.h5ad... OUT --shard-size S | prepare soma IN.h5ad... OUT",
-    )
-    p.add_argument("kind", choices=["synthetic", "h5ad", "soma"])
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples kept as written."""
+
+
+def _sub(sub, name: str, help: str, examples: str, description: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help, epilog=f"examples:\n{examples}",
+                          formatter_class=_Formatter)
+
+
+def _add_sampler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", action="append", metavar="ATTR=W",
+                   help="classifier-free guidance weight per attribute, repeatable; 1 = plain conditional "
+                        "(e.g. --guidance cell_type=2.0; default: the run's flow.guidance)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at flow times LO <= t <= HI, t=0 noise, t=1 data "
+                        "(e.g. --guidance-interval 0.3 0.8; default: the run's)")
+    p.add_argument("--steps", type=int, help="sampler steps (e.g. --steps 30; default: the run's flow.num_steps)")
+    p.add_argument("--sampler", choices=["euler", "heun", "adaptive", "sde"],
+                   help="ODE/SDE solver (e.g. --sampler heun; default: the run's flow.sampler)")
+    p.add_argument("--diffusion", type=float,
+                   help="noise scale of the sde sampler (e.g. --sampler sde --diffusion 1.0; default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and NB draws (e.g. --seed 1)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="cells per block; results depend on the seed and this, not on devices or ranks "
+                        "(e.g. --batch-size 1024)")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="auto",
+                   help="auto (this rank's GPU when there is one), cpu, cuda or cuda:I (e.g. --device cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scldm-scale", description=__doc__.splitlines()[0], formatter_class=_Formatter,
+        epilog="examples:\n  scldm-scale demo --out runs/demo\n  scldm-scale train recipes/quickstart.yaml --print-config\n"
+               "  scldm-scale generate --help\nrun `scldm-scale COMMAND --help` for each command's options")
+    parser.add_argument("--version", action="version", version=f"scldm-scale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(sub, "prepare", "write training data: a synthetic atlas, or h5ad files harmonized into shards / SOMA",
+             "  scldm-scale prepare synthetic runs/atlas --cells 6000 --genes 1000 --heldout-fraction 0.2\n"
+             "  scldm-scale prepare h5ad a.h5ad b.h5ad more/ data/atlas --shard-size 10000 --labels cell_type tissue\n"
+             "  scldm-scale prepare soma a.h5ad b.h5ad data/atlas.soma --labels cell_type")
+    p.add_argument("kind", choices=["synthetic", "h5ad", "soma"],
+                   help="synthetic: a simulated atlas; h5ad: shards for training; soma: one TileDB-SOMA experiment")
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="synthetic: OUT; h5ad/soma: the input .h5ad files (or folders of them), then OUT")
-    p.add_argument("--cells", type=int, default=10_000, help="synthetic: total cells")
-    p.add_argument("--genes", type=int, default=2_000, help="synthetic: genes")
-    p.add_argument("--shards", type=int, default=4, help="synthetic: number of shards")
-    p.add_argument("--cell-types", type=int, default=8, help="synthetic: cell types")
-    p.add_argument("--shard-size", type=int, help="h5ad: cells per output shard (default 10000)")
+                   help="synthetic: OUT; h5ad/soma: the input .h5ad files (or folders of them), then OUT "
+                        "(e.g. a.h5ad b.h5ad data/atlas)")
+    p.add_argument("--cells", type=int, default=10_000, help="synthetic: total cells (e.g. --cells 100000)")
+    p.add_argument("--genes", type=int, default=2_000, help="synthetic: genes (e.g. --genes 20000)")
+    p.add_argument("--shards", type=int, default=4, help="synthetic: number of shards (e.g. --shards 8)")
+    p.add_argument("--cell-types", type=int, default=8, help="synthetic: cell types (e.g. --cell-types 20)")
+    p.add_argument("--shard-size", type=int,
+                   help="h5ad: cells per output shard (default 10000); cells are written in a seeded random order "
+                        "across all inputs (--seed) (e.g. --shard-size 50000)")
     p.add_argument("--labels", nargs="+", default=["cell_type"], metavar="COLUMN",
-                   help="h5ad/soma: obs columns to harmonize into label tables (default: cell_type)")
-    p.add_argument("--vocab", help="h5ad/soma: use this vocab.json instead of the union of the inputs' genes")
+                   help="h5ad/soma: obs columns harmonized into label tables (default: cell_type); a column no "
+                        "input has is an error (e.g. --labels cell_type tissue donor)")
+    p.add_argument("--counts", default="auto", metavar="auto|X|raw|layer:NAME",
+                   help="h5ad/soma: where the inputs keep raw integer counts: X, .raw.X (CELLxGENE files) or a "
+                        "layer; auto (default) takes the first integer-valued of X, .raw.X, layers['counts'] and "
+                        "logs which (e.g. --counts raw or --counts layer:counts)")
+    p.add_argument("--vocab", help="h5ad/soma: use this vocab.json instead of the union of the inputs' genes "
+                                   "(e.g. --vocab runs/atlas/vocab.json)")
     p.add_argument("--min-files", type=int, default=1,
-                   help="h5ad/soma: keep genes present in at least N inputs (built vocabulary only)")
+                   help="h5ad/soma: keep genes present in at least N inputs, built vocabulary only (e.g. --min-files 2)")
     p.add_argument("--require-labels", action="store_true",
-                   help="h5ad/soma: a label column missing from an input is an error (default: 'unknown')")
+                   help="h5ad/soma: a label column missing from an input is an error (default: 'unknown' there)")
     p.add_argument("--heldout-fraction", type=float, default=None,
-                   help="fraction of cells written to heldout.h5ad (default: 0.1 synthetic, 0 h5ad/soma)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="fraction of cells written to heldout.h5ad; default 0.1 synthetic, 0 h5ad/soma "
+                        "(e.g. --heldout-fraction 0.05)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic atlas, the held-out cells and the global cell order (e.g. --seed 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a stage (run.stage=vae|ldm) from recipes and key=value overrides")
-    p.add_argument("items", nargs="+", metavar="RECIPE.yaml|key=value")
+    p = _sub(sub, "train", "train a stage (run.stage=vae|ldm) from recipes and key=value overrides",
+             "  torchrun --standalone --nproc_per_node=2 -m scldm_scale.cli train recipes/quickstart.yaml\n"
+             "  scldm-scale train recipes/quickstart.yaml recipes/quickstart_ldm.yaml train.max_steps=2000\n"
+             "  scldm-scale train recipes/quickstart.yaml run.resume=true\n"
+             "  scldm-scale train recipes/quickstart.yaml data.batch_size=128 --print-config\n"
+             "  scldm-scale train recipes/census.yaml --dry-run",
+             description="Train a stage. Recipes merge left to right, then key=value overrides. A fresh run "
+                         "into a run directory that holds a run is an error: pass run.resume=true to continue "
+                         "it or run.overwrite=true to replace it.")
+    p.add_argument("items", nargs="+", metavar="RECIPE.yaml|key=value",
+                   help="recipes and overrides (e.g. recipes/quickstart.yaml train.max_steps=100)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the merged config (recipes, presets, overrides) and exit without training; "
+                        "values from the data are filled at start-up")
     p.add_argument("--dry-run", action="store_true",
-                   help="read no data and train nothing: resolve the recipes and print the run plan (sizes, "
-                        "parameters, FLOPs per cell, steps, cells, GPU-hours at plan.mfu, disk), e.g. "
-                        "`scldm-scale train recipes/census.yaml --dry-run`")
+                   help="read no data and train nothing: resolve the recipes for the data and GPUs of their plan: "
+                        "section and print the run plan (sizes, parameters, FLOPs per cell, steps, cells, GPU-hours "
+                        "at plan.mfu, data rate, disk) (e.g. scldm-scale train recipes/census.yaml --dry-run)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("encode", help="write the latents of a dataset with a trained VAE (for stage 2)")
-    p.add_argument("--vae-run", required=True)
-    p.add_argument("--data", help="h5ad shards (default: the VAE run's data.path)")
-    p.add_argument("--out", help="latent cache directory (default: <vae-run>/latents)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--quiet", action="store_true")
+    p = _sub(sub, "encode", "latents of a dataset with a trained VAE: a latent cache for stage 2, or obsm of an .h5ad",
+             "  torchrun --standalone --nproc_per_node=2 -m scldm_scale.cli encode --vae-run runs/quickstart-vae\n"
+             "  scldm-scale encode --vae-run runs/my-vae data.source=soma data.path=atlas.soma\n"
+             "  scldm-scale encode --vae-run runs/quickstart-vae --h5ad cells.h5ad --out cells_latent.h5ad",
+             description="Encode with a trained VAE: every cell of its training data (or of the data the data.* "
+                         "overrides name: any source, h5ad shards, SOMA / Census, mixture) into a latent cache "
+                         "for stage 2, split over the ranks under torchrun; or one .h5ad into obsm['X_scldm'].")
+    p.add_argument("--vae-run", required=True, help="run directory of the trained VAE (e.g. --vae-run runs/my-vae)")
+    p.add_argument("--data", help="shorthand for data.path=...: the data to encode into the latent cache; "
+                                  "default: the VAE run's data (e.g. --data runs/atlas)")
+    p.add_argument("items", nargs="*", metavar="data.key=value",
+                   help="overrides of the VAE run's data section (e.g. data.source=soma data.path=atlas.soma)")
+    p.add_argument("--h5ad", help="encode this .h5ad instead and write it to --out with obsm['X_scldm'] "
+                                  "(e.g. --h5ad pbmc.h5ad)")
+    p.add_argument("--layer", help="with --h5ad: where the raw counts are: raw (adata.raw.X) or a layer name; "
+                                   "default X (e.g. --layer counts)")
+    p.add_argument("--gene-key", help="with --h5ad: var column with gene ids or symbols; default: the best "
+                                      "match (e.g. --gene-key feature_name)")
+    p.add_argument("--out", help="latent cache directory (default <vae-run>/latents), or the output .h5ad with "
+                                 "--h5ad (e.g. --out runs/my-vae/latents)")
+    p.add_argument("--batch-size", type=int, default=256, help="cells per batch (e.g. --batch-size 1024)")
+    p.add_argument("--device", default="auto",
+                   help="auto (this rank's GPU when there is one), cpu, cuda or cuda:I (e.g. --device cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("generate", help="generate cells for requested conditions -> .h5ad")
-    p.add_argument("--ldm-run", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--condition", action="append", help="attr=value[,attr=value][:N] (repeatable)")
-    p.add_argument("--conditions", help="CSV/YAML of conditions with an n_cells column")
-    p.add_argument("--match", help="reproduce the label distribution of this reference .h5ad")
-    p.add_argument("--n-cells", type=int, help="cells per --condition without :N, or total for --match")
-    p.add_argument("--guidance", action="append", help="attr=weight (repeatable); 1 = plain conditional")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="guide only at flow times LO <= t <= HI (t=0 noise, t=1 data; default: the recipe's)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", choices=["euler", "heun", "adaptive", "sde"])
-    p.add_argument("--diffusion", type=float, help="noise scale of the sde sampler (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p = _sub(sub, "generate", "generate cells for requested conditions -> .h5ad (counts in X, conditions in obs)",
+             "  scldm-scale generate --ldm-run runs/my-ldm --out gen.h5ad --condition 'cell_type=B cell:500'\n"
+             "  scldm-scale generate --ldm-run runs/my-ldm --out gen.h5ad --match heldout.h5ad --guidance cell_type=2\n"
+             "  torchrun --nproc_per_node=8 -m scldm_scale.cli generate --ldm-run runs/my-ldm --out gen.h5ad "
+             "--conditions conditions.csv",
+             description="Generate cells. Under torchrun the cells are split over the ranks and rank 0 writes one "
+                         "file: the same cells as one process with the same seed and batch size.")
+    p.add_argument("--ldm-run", required=True, help="run directory of the trained LDM (e.g. --ldm-run runs/my-ldm)")
+    p.add_argument("--out", required=True, help="output .h5ad (e.g. --out generated.h5ad)")
+    p.add_argument("--condition", action="append", metavar="ATTR=VALUE[,ATTR=VALUE][:N]",
+                   help="a condition and its number of cells, repeatable (e.g. --condition 'cell_type=B cell,tissue=blood:200')")
+    p.add_argument("--conditions", help="CSV or YAML of conditions with an n_cells column (e.g. --conditions conditions.csv)")
+    p.add_argument("--match", help="reproduce the label distribution of this .h5ad's obs (e.g. --match heldout.h5ad)")
+    p.add_argument("--n-cells", type=int,
+                   help="cells per --condition without :N (default 100), or the total for --match (e.g. --n-cells 1000)")
+    _add_sampler_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("evaluate", help="generated vs held-out real cells -> JSON (+ report)")
-    p.add_argument("--reference", required=True)
-    p.add_argument("--generated", required=True)
-    p.add_argument("--labels", nargs="*", default=["cell_type"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--report")
-    p.add_argument("--seed", type=int, default=0)
+    p = _sub(sub, "transfer", "counterfactual cells: real cells moved to a new condition -> .h5ad",
+             "  scldm-scale transfer --ldm-run runs/my-ldm --data tcells.h5ad --to 'cell_type=B cell' --strength 0.5 "
+             "--out moved.h5ad",
+             description="Encode the cells of --data, noise their latents to flow time 1 - strength and integrate "
+                         "back with the new condition. Strength 0 returns the cells' own reconstruction, 1 ignores "
+                         "them (generation from noise).")
+    p.add_argument("--ldm-run", required=True, help="run directory of the trained LDM (e.g. --ldm-run runs/my-ldm)")
+    p.add_argument("--data", required=True, help=".h5ad of the cells to transfer (e.g. --data tcells.h5ad)")
+    p.add_argument("--to", action="append", metavar="ATTR=VALUE",
+                   help="the new condition, repeatable (e.g. --to 'cell_type=B cell')")
+    p.add_argument("--strength", type=float, default=0.5, help="0 = keep the cells, 1 = only the new condition "
+                                                                 "(e.g. --strength 0.7)")
+    p.add_argument("--out", required=True, help="output .h5ad (e.g. --out moved.h5ad)")
+    p.add_argument("--layer", help="where the raw counts of --data are: raw or a layer name; default X "
+                                   "(e.g. --layer raw)")
+    p.add_argument("--gene-key", help="var column with gene ids or symbols; default: the best match "
+                                      "(e.g. --gene-key gene_ids)")
+    _add_sampler_options(p)
+    p.set_defaults(func=cmd_transfer)
+
+    p = _sub(sub, "evaluate", "generated vs real held-out cells -> metrics JSON (+ PNG/HTML report)",
+             "  scldm-scale evaluate --reference heldout.h5ad --generated gen.h5ad --out eval.json --report eval.png")
+    p.add_argument("--reference", required=True, help="real cells, raw counts in X (e.g. --reference heldout.h5ad)")
+    p.add_argument("--generated", required=True, help="generated cells, counts in X (e.g. --generated gen.h5ad)")
+    p.add_argument("--labels", nargs="*", default=["cell_type"], metavar="COLUMN",
+                   help="obs columns for kNN label accuracy and per-condition metrics (e.g. --labels cell_type tissue)")
+    p.add_argument("--out", required=True, help="metrics JSON (e.g. --out eval.json)")
+    p.add_argument("--report", help="PNG or .html report (e.g. --report eval.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of subsampling and the PCA (e.g. --seed 1)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="consolidate a run's latest checkpoint into <run>/export (safetensors)")
-    p.add_argument("run")
+    p = _sub(sub, "export", "consolidate a run's latest checkpoint into <run>/export (safetensors)",
+             "  scldm-scale export runs/my-vae")
+    p.add_argument("run", help="run directory (e.g. runs/my-vae)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
-        "sweep", help="expand scaling grids into runs; train them here, write a SLURM array, or print the commands",
-        description="scldm-scale sweep GRID.yaml [GRID2.yaml ...] [key=value ...] --out DIR [--launcher local|slurm|print]. "
-                    "Finished runs are skipped, interrupted ones resume. "
-                    "Example: scldm-scale sweep recipes/scaling/width.yaml --out runs/scaling/width",
-    )
+    p = _sub(sub, "sweep", "expand scaling grids into runs; train them here, write a SLURM array, or print the commands",
+             "  OMP_NUM_THREADS=1 scldm-scale sweep recipes/scaling/width.yaml --out runs/scaling/width\n"
+             "  scldm-scale sweep recipes/scaling/width.yaml recipes/scaling/data_size.yaml --out runs/scaling\n"
+             "  scldm-scale sweep recipes/scaling/width.yaml train.cells=2048 --out runs/trial   # overrides before the options\n"
+             "  scldm-scale sweep recipes/scaling/width.yaml --out /shared/sweeps/width --launcher slurm --nproc-per-node 8",
+             description="Expand grids (recipes/scaling/*.yaml) into one resolved recipe per run and train them one "
+                         "after another, write a SLURM array, or print the commands. Finished runs are skipped and "
+                         "interrupted ones resume: the same command continues a sweep. Each run records its "
+                         "parameters, FLOPs, cells seen, wall time and held-out metrics (result.json).")
     p.add_argument("items", nargs="+", metavar="GRID.yaml|key=value",
-                   help="grid YAMLs (recipes/scaling/*.yaml), then key=value overrides applied to every run "
-                        "(before the options, e.g. `sweep recipes/scaling/width.yaml train.cells=2048 --out runs/trial`)")
+                   help="grid YAMLs, then key=value overrides applied to every run, all before the options "
+                        "(e.g. recipes/scaling/width.yaml train.log_every=50)")
     p.add_argument("--out", required=True,
-                   help="sweep folder (one grid), or parent of one folder per grid (several), e.g. --out runs/scaling")
+                   help="sweep folder for one grid; with several grids, one sub-folder per grid "
+                        "(e.g. --out runs/scaling)")
     p.add_argument("--launcher", choices=["local", "slurm", "print"], default="local",
-                   help="local: train the runs one after another here (default); slurm: write DIR/slurm/*.sbatch "
-                        "and submit.sh; print: print the commands. Example: --launcher slurm")
+                   help="local: train the runs here, one after another (default); slurm: write OUT/slurm/*.sbatch "
+                        "and submit.sh; print: print the commands (e.g. --launcher slurm)")
     p.add_argument("--nproc-per-node", type=int, default=1,
-                   help="processes (GPUs) per run; 1 = single process, N > 1 = torchrun --standalone "
-                        "(default 1), e.g. --nproc-per-node 8")
+                   help="processes (GPUs) per run: 1 = a single process, N > 1 = torchrun --standalone "
+                        "(e.g. --nproc-per-node 8; default 1)")
     p.add_argument("--run", default="",
-                   help="only this run (NAME or GRID/NAME), as a SLURM array task does, e.g. --run width/vae-d_model64-s0")
-    p.add_argument("--time", default="24:00:00", help="slurm: time limit per array task (default 24:00:00)")
+                   help="only this run, NAME or GRID/NAME, as a SLURM array task does "
+                        "(e.g. --run width/vae-d_model32-s0)")
+    p.add_argument("--time", default="24:00:00",
+                   help="slurm: time limit of each array task (e.g. --time 04:00:00; default 24:00:00)")
     p.add_argument("--sbatch-option", action="append", metavar="OPTION",
-                   help="slurm: extra #SBATCH line (repeatable), e.g. --sbatch-option=--partition=gpu")
+                   help="slurm: an extra #SBATCH line, repeatable (e.g. --sbatch-option=--partition=gpu)")
     p.add_argument("--python", default=sys.executable,
-                   help="slurm: interpreter on the compute nodes (default: this one), e.g. --python .venv/bin/python")
+                   help="slurm: the interpreter on the compute nodes (e.g. --python .venv/bin/python; "
+                        "default: this one)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser(
-        "report", help="collect sweep results: table (CSV, Parquet), power-law fits with intervals, plots, summary",
-        description="scldm-scale report DIR [DIR ...] [--out OUT] [--wandb-csv FILE]. "
-                    "Example: scldm-scale report runs/scaling (writes runs/scaling/report/summary.md)",
-    )
-    p.add_argument("dirs", nargs="*", metavar="DIR", help="sweep folders (the --out of `scldm-scale sweep`)")
-    p.add_argument("--out", help="report folder (default: DIR/report with one DIR), e.g. --out reports/scaling")
+    p = _sub(sub, "report", "sweep results -> table (CSV, Parquet), power-law fits with intervals, plots, summary",
+             "  scldm-scale report runs/scaling                     # -> runs/scaling/report/summary.md\n"
+             "  scldm-scale report runs/scaling/width runs/scaling/data_size --out reports/scaling\n"
+             "  scldm-scale report --wandb-csv wandb_export.csv --out reports/wandb",
+             description="Collect finished sweep runs (or a W&B CSV export of them) into one table, fit "
+                         "L = a * X^(-alpha) + c per axis and along the compute frontier with bootstrap intervals, "
+                         "draw the plots and write summary.md.")
+    p.add_argument("dirs", nargs="*", metavar="DIR",
+                   help="sweep folders, the --out of `scldm-scale sweep` (e.g. runs/scaling)")
+    p.add_argument("--out", help="report folder (e.g. --out reports/scaling; default DIR/report for one DIR)")
     p.add_argument("--wandb-csv", action="append", metavar="FILE",
-                   help="a W&B runs-table CSV export of sweep runs (repeatable; format in "
-                        "scldm_scale/scaling/report.py read_wandb_csv), e.g. --wandb-csv wandb_export.csv")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits per fit (default 1000), e.g. --bootstrap 2000")
+                   help="a W&B runs-table CSV export of sweep runs, repeatable; columns as described in "
+                        "scldm_scale/scaling/report.py read_wandb_csv (e.g. --wandb-csv wandb_export.csv)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap refits per fit (e.g. --bootstrap 2000; default 1000)")
     p.add_argument("--bootstrap-method", choices=["residuals", "cases"], default="residuals",
-                   help="residuals (default) or cases (needs >= 2 seeds per point), e.g. --bootstrap-method cases")
-    p.add_argument("--level", type=float, default=0.95, help="interval coverage (default 0.95), e.g. --level 0.9")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+                   help="resample residuals around the fit (default) or runs within each X value, which needs "
+                        ">= 2 seeds per point (e.g. --bootstrap-method cases)")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="coverage of the intervals (e.g. --level 0.9; default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (e.g. --seed 1)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="synthetic atlas -> VAE -> latents -> LDM -> generate -> evaluate")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--cells", type=int, default=8000)
-    p.add_argument("--genes", type=int, default=1000)
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--recipe", default="recipes/quickstart.yaml")
+    p = _sub(sub, "demo", "synthetic atlas -> VAE -> latents -> LDM -> generate -> evaluate, on CPU in minutes",
+             "  scldm-scale demo --out runs/demo --strict\n  scldm-scale demo --cells 2000 --genes 300 train.max_steps=50")
+    p.add_argument("--out", default="runs/demo", help="demo directory (e.g. --out runs/demo)")
+    p.add_argument("--cells", type=int, default=8000, help="cells of the synthetic atlas (e.g. --cells 2000)")
+    p.add_argument("--genes", type=int, default=1000, help="genes of the synthetic atlas (e.g. --genes 300)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun ranks) (e.g. --nproc 1)")
+    p.add_argument("--recipe", default="quickstart",
+                   help="stage-1 recipe (a file or a shipped recipe's name); stage 2 uses <recipe>_ldm.yaml beside "
+                        "it (default quickstart; e.g. --recipe recipes/quickstart.yaml)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a quality check fails")
-    p.add_argument("items", nargs="*", metavar="key=value", help="overrides for both stages")
+    p.add_argument("items", nargs="*", metavar="key=value",
+                   help="overrides for both stages (e.g. train.max_steps=100)")
     p.set_defaults(func=cmd_demo)
+
+    p = _sub(sub, "recipes", "list the shipped recipes, or print one",
+             "  scldm-scale recipes\n  scldm-scale recipes quickstart > my.yaml\n"
+             "  scldm-scale train quickstart train.max_steps=100   # recipes are found by name")
+    p.add_argument("name", nargs="?", help="a recipe to print (e.g. quickstart or gpu/vae_b_8gpu)")
+    p.set_defaults(func=cmd_recipes)
     return parser
 
 
+def quiet_third_party() -> None:
+    """Keep logs readable: drop the known, repeated warnings of the libraries underneath."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -57,6 +57,7 @@ class RunConfig:
     stage: Stage = Stage.VAE
     seed: int = 0
     resume: bool = False  # continue from <run dir>/checkpoints/latest
+    overwrite: bool = False  # start afresh in a run directory that holds a run (its checkpoints, export, metrics go)
 
 
 @dataclass
@@ -214,12 +215,49 @@ def _explain(err: OmegaConfBaseException, where: str) -> ScldmError:
     return ScldmError(f"{where}: {str(err).splitlines()[0]}")
 
 
+# ---------------------------------------------------------------------------------------------
+# shipped recipes: a recipe argument is a YAML path or the name of a recipe shipped with the package
+# (``quickstart``, ``gpu/vae_b_8gpu``, ``recipes/quickstart.yaml``), so the command line works the same
+# inside the repository (whose recipes/ links to the packaged folder) and in an installed environment
+# ---------------------------------------------------------------------------------------------
+
+RECIPE_DIR = Path(__file__).resolve().with_name("recipes")
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes (``gpu/vae_b_8gpu`` for ``recipes/gpu/vae_b_8gpu.yaml``), sorted."""
+    return sorted(str(p.relative_to(RECIPE_DIR).with_suffix("")) for p in RECIPE_DIR.rglob("*.yaml"))
+
+
+def resolve_recipe(item: str | Path) -> Path:
+    """The file of a recipe argument: an existing path, else a shipped recipe of that name."""
+    path = Path(item)
+    if path.is_file():
+        return path
+    name = str(item).removesuffix(".yaml").removesuffix(".yml")
+    name = name.removeprefix("recipes/")
+    shipped = RECIPE_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name, recipe_names(), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "`scldm-scale recipes` lists the shipped ones"
+    raise ScldmError(f"{item}: recipe not found (neither a file nor a shipped recipe); {hint}")
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe (its one-line description), or ''."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
 def _layers(recipes: Sequence[str | os.PathLike], overrides: Sequence[str]) -> list[tuple[str, DictConfig]]:
     layers = []
     for recipe in recipes:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ScldmError(f"{path}: recipe not found; pass an existing YAML (e.g. recipes/quickstart.yaml)")
+        path = resolve_recipe(recipe)
         try:
             layers.append((str(path), OmegaConf.load(path)))
         except Exception as err:  # yaml syntax errors
@@ -264,6 +302,13 @@ def load_config(recipes: Sequence[str | os.PathLike] = (), overrides: Sequence[s
             raise ScldmError(f"{preset_key}='{name}' is not a known preset; choose one of {sorted(presets)}")
         cfg[section] = OmegaConf.merge(cfg[section], presets[name])  # presets sit below every recipe
     return _merge(cfg, layers)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A typed config with ``key=value`` overrides applied (same checks and messages as recipes)."""
+    base = OmegaConf.structured(cfg)
+    OmegaConf.set_struct(base, True)
+    return to_object(_merge(base, _layers([], overrides)))
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:

@@ -31,3 +31,21 @@ def tiny_atlas(tmp_path_factory) -> Path:
 def tiny_atlas_meta(tiny_atlas) -> dict:
     """The tiny atlas's ``metadata.json``."""
     return json.loads((tiny_atlas / "metadata.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Path:
+    """A tiny atlas, a VAE and an LDM trained on it through the CLI (2 gloo ranks, 40 steps each),
+    shared by the integration tests: ``<root>/data``, ``<root>/vae`` (with ``latents/``), ``<root>/ldm``."""
+    from tests.cli_utils import TINY_LDM, TINY_VAE, cli
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "data"
+    cli("prepare", "synthetic", str(data), "--cells", "720", "--genes", "120", "--shards", "2",
+        "--cell-types", "3", "--heldout-fraction", "0.2", "--quiet")
+    common = [f"data.path={data}", f"run.output_dir={root}"]
+    cli("train", *TINY_VAE, "run.name=vae", "train.max_steps=40", "optim.lr=3e-3", *common, nproc=2)
+    cli("encode", "--vae-run", str(root / "vae"), "--quiet", nproc=2)
+    cli("train", *TINY_VAE, *TINY_LDM, "run.name=ldm", f"ldm.vae_run={root / 'vae'}", "train.max_steps=40",
+        *common, nproc=2)
+    return root

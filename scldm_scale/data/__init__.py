@@ -1,8 +1,9 @@
-"""Data layer: sources (h5ad shards via cellarium-ml, latent cache), gene vocabulary, label
-tables, tokenizer, validation and the synthetic atlas generator.
+"""Data layer: one Source interface over h5ad shards (via cellarium-ml), TileDB-SOMA / Census,
+mixtures and the latent cache; gene vocabulary, label tables, tokenizer, validation, ``prepare``
+(harmonizing writers) and the synthetic atlas generator.
 
-Importing this package is cheap; cellarium-ml / anndata are imported inside the functions and
-classes that read data.
+Importing this package is cheap; cellarium-ml / anndata / tiledbsoma are imported inside the
+functions and classes that read data.
 """
 
 from scldm_scale.data.config import DataConfig, SourceKind

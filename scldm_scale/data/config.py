@@ -50,7 +50,8 @@ class DataConfig:
     num_workers: int = 0
     shuffle: bool = True
     seed: int = 0
-    max_cache_size: int = 2  # h5ad shards held in memory per dataloader worker (>= 2)
+    max_cache_size: int = 2  # h5ad shards held in memory per dataloader worker (>= 2; at least 2 * shards_per_batch)
+    shards_per_batch: int = 1  # h5ad: every batch draws from this many shards at once (study mixing of unmixed shards)
     vocab_path: str = ""  # default: <path>/vocab.json
     labels_path: str = ""  # default: <path>/labels.json
     # --- source=soma: ``path`` is the experiment URI (local directory, s3://..., tiledb://...),

@@ -1,4 +1,14 @@
-"""Token batches from h5ad shards through cellarium-ml's DistributedAnnDataCollection."""
+"""Token batches from h5ad shards through cellarium-ml's DistributedAnnDataCollection.
+
+Epoch order (global, see :mod:`scldm_scale.data.source`): the shards are permuted (seeded by
+``(seed, epoch)``) and taken ``data.shards_per_batch`` at a time; the cells of each group of
+shards are permuted together. Consecutive cells of the order, hence every batch, are drawn
+uniformly from the shards of one group (two at a group boundary), so a batch mixes
+``shards_per_batch`` shards while a dataloader worker holds at most ``2 * shards_per_batch``
+shards in memory. With ``shards_per_batch=1`` this is cellarium's ``same_order`` iteration
+(shards shuffled, cells shuffled within a shard). Shards written by ``scldm-scale prepare`` are
+already in a global random order across the input files, so any group mixes all studies.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +16,27 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse
-from torch.utils.data import IterableDataset
+import torch
 
 from scldm_scale.data.config import DataConfig
+from scldm_scale.data.inputs import open_h5, read_elem, read_matrix_rows
 from scldm_scale.data.labels import LabelTables
-from scldm_scale.data.loader import ShardedSource, batch_rng
+from scldm_scale.data.source import (
+    INFERENCE_KEY,
+    Block,
+    StreamSource,
+    batch_ranges,
+    block_rng,
+    inference_range,
+    log_library_stats,
+    prepared_tables,
+)
 from scldm_scale.data.tokenize import tokenize_counts
 from scldm_scale.data.validate import check_h5ad_shards, resolve_shards
 from scldm_scale.data.vocab import GeneVocab
@@ -38,7 +58,7 @@ def _positional_cell_names():
     collection's ``obs_names`` index (anndata's ``AnnCollection`` concatenates them and checks
     them for uniqueness): a Python string per cell, about 70 bytes per cell in every process and
     most of the construction time at millions of cells. This source addresses cells by position
-    only, so inside this block the shards report no cell names, and ``H5ADTokenDataset`` sets the
+    only, so inside this block the shards report no cell names, and ``H5ADSource`` sets the
     collection's index to one ``RangeIndex`` right after (the collection's shape comes from its
     ``limits``, not from the names). Outside construction ``LazyAnnData.obs_names`` is cellarium's own.
     """
@@ -101,27 +121,25 @@ def shard_sizes(files: list[str], check: bool = True) -> list[int]:
     return sizes
 
 
-class H5ADTokenDataset(ShardedSource, IterableDataset):
-    """Iterable of token batches over h5ad shards, sharded by rank and dataloader worker.
+class H5ADSource(StreamSource):
+    """Token batches over h5ad shards (see the module docstring for the epoch order).
 
-    cellarium-ml's ``DistributedAnnDataCollection`` (LRU cache of ``cfg.max_cache_size``
-    shards per worker) loads the shards and its ``IterableDistributedAnnDataCollectionDataset``
-    (``same_order``, ``drop_last_indices``, ``drop_incomplete_batch``) defines the epoch order;
-    :meth:`read_rows` takes each batch's rows from the cached shards (X kept sparse; the same
-    values as cellarium's ``AnnDataField`` batch). The per-worker batch assignment with resume
-    offset is done here (see :mod:`scldm_scale.data.loader`) so that a resumed epoch continues
-    exactly, for any number of workers. Every batch is tokenized with a generator seeded by
-    ``(seed, epoch, global batch index)``.
+    cellarium-ml's ``DistributedAnnDataCollection`` (LRU cache of ``max(data.max_cache_size,
+    2 * data.shards_per_batch)`` shards per dataloader worker) loads the shards; :meth:`read_rows`
+    takes each batch's rows from the cached shards (X kept sparse; the same values as cellarium's
+    ``AnnDataField`` batch). The inference pass reads row ranges straight from the files (memory
+    bounded by the batch).
     """
 
     def __init__(self, cfg: DataConfig, vocab: GeneVocab, labels: LabelTables, validate: bool = True) -> None:
-        from cellarium.ml.data import DistributedAnnDataCollection, IterableDistributedAnnDataCollectionDataset
-        from cellarium.ml.utilities.data import AnnDataField
+        from cellarium.ml.data import DistributedAnnDataCollection
 
         if cfg.max_cache_size < 2:
             raise ScldmError(f"data.max_cache_size={cfg.max_cache_size}: must be >= 2 (a batch may span two shards)")
         if cfg.batch_size < 1:
             raise ScldmError(f"data.batch_size={cfg.batch_size}: must be >= 1")
+        if cfg.shards_per_batch < 1:
+            raise ScldmError(f"data.shards_per_batch={cfg.shards_per_batch}: must be >= 1")
         labels.check_columns(cfg.label_columns)
         self.files = resolve_shards(cfg.path)
         if validate:
@@ -129,36 +147,21 @@ class H5ADTokenDataset(ShardedSource, IterableDataset):
         sizes = shard_sizes(self.files, check=validate)
         self.limits = np.cumsum(sizes).astype(np.int64)
         self.cfg = cfg
-        self.batch_size = cfg.batch_size
-        self.labels = labels
+        self.vocab, self.labels = vocab, labels
+        self.batch_size, self.seed, self.shuffle = int(cfg.batch_size), int(cfg.seed), bool(cfg.shuffle)
+        self.shards_per_batch = min(int(cfg.shards_per_batch), len(self.files))
         self.label_columns = list(cfg.label_columns)
         with _positional_cell_names():
             self.dadc = DistributedAnnDataCollection(
                 self.files,
                 limits=self.limits.tolist(),
-                max_cache_size=cfg.max_cache_size,
+                max_cache_size=max(int(cfg.max_cache_size), 2 * self.shards_per_batch),
                 obs_columns_to_validate=self.label_columns,
             )
         # cells are addressed by position only: no per-cell index is kept
         self.dadc.obs_names = pd.RangeIndex(self.n_cells)
         self.dadc._obs = pd.DataFrame(index=self.dadc.obs_names)
-        obs_cols = list(self.dadc.schema.attr_values["obs"].columns)
-        self.has_cell_index = "cell_index" in obs_cols
-        batch_keys: dict[str, Any] = {"x_ng": AnnDataField(attr="X", convert_fn=_keep)}
-        for col in self.label_columns:
-            batch_keys[f"obs/{col}"] = AnnDataField(attr="obs", key=col, convert_fn=_keep)
-        if self.has_cell_index:
-            batch_keys["cell_index_n"] = AnnDataField(attr="obs", key="cell_index")
-        self.inner = IterableDistributedAnnDataCollectionDataset(
-            self.dadc,
-            batch_keys=batch_keys,
-            batch_size=cfg.batch_size,
-            iteration_strategy="same_order",
-            shuffle=cfg.shuffle,
-            shuffle_seed=cfg.seed,
-            drop_last_indices=True,
-            drop_incomplete_batch=True,
-        )
+        self.has_cell_index = "cell_index" in self.dadc.schema.attr_values["obs"].columns
         var_names = self.dadc.schema.attr_values["var_names"]
         self.var_to_vocab_g = vocab.index_map(var_names)
         n_out = int((self.var_to_vocab_g < 0).sum())
@@ -170,63 +173,90 @@ class H5ADTokenDataset(ShardedSource, IterableDataset):
             )
         if n_out:
             log.info("%d of %d genes of %s are outside the vocabulary and dropped", n_out, len(var_names), cfg.path)
-        self._refresh_rank_world()
+        self._orders: dict = {}  # small caches of the epoch plan (per process)
+
+    @classmethod
+    def read_tables(cls, cfg: DataConfig) -> tuple[GeneVocab, LabelTables]:
+        """``data.vocab_path`` / ``data.labels_path``, else ``vocab.json`` / ``labels.json`` beside the shards
+        (a ``data.path`` that does not exist is named as such)."""
+        path = os.path.expanduser(str(cfg.path))
+        if not any(c in path for c in "*?[{") and not os.path.exists(path):
+            resolve_shards(path)  # raises, naming the path
+        return prepared_tables(cfg)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_orders"] = {}
+        return state
 
     @property
     def n_cells(self) -> int:
         return int(self.limits[-1])
 
-    @property
-    def batches_per_epoch(self) -> int:
-        _, world = self._refresh_rank_world()
-        return (self.n_cells // world) // self.batch_size
-
     def describe(self) -> str:
         return str(self.cfg.path)
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.inner.set_epoch(self.epoch)
+    def _shard_bounds(self, k: int) -> tuple[int, int]:
+        return (int(self.limits[k - 1]) if k else 0), int(self.limits[k])
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.inner.set_epoch(self.epoch)
+    # -- epoch order ---------------------------------------------------------------------------
 
-    def rank_indices(self, epoch: int, rank: int, world: int) -> np.ndarray:
-        """Global cell rows of one rank for one epoch, in order (cellarium ``same_order``)."""
-        import torch
+    def shard_groups(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shards of epoch ``epoch`` in order and the epoch-order offset where each group of
+        ``shards_per_batch`` of them starts (plus the end)."""
+        key = ("groups", epoch)
+        if key not in self._orders:
+            n_shards, p = len(self.files), self.shards_per_batch
+            order = np.arange(n_shards)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed % (1 << 63), epoch, 0x5AD]).permutation(n_shards)
+            sizes = np.diff(np.concatenate([[0], self.limits]))[order]
+            group_sizes = np.add.reduceat(sizes, np.arange(0, n_shards, p))
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != "groups"}
+            self._orders[key] = (order, np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64))
+        return self._orders[key]
 
-        inner = self.inner
-        start, end = inner.start_idx, inner.end_idx
-        dtype = np.int32 if end <= np.iinfo(np.int32).max else np.int64  # 4 bytes per cell where they suffice
-        if inner.shuffle:
-            gen = torch.Generator()
-            gen.manual_seed(inner.shuffle_seed + epoch)
-            limits = [int(i) for i in self.dadc.limits if start < i < end]
-            bounds = list(zip([start] + limits, limits + [end]))
-            parts = []
-            for k in torch.randperm(len(bounds), generator=gen).tolist():
-                lo, hi = bounds[k]
-                parts.append((torch.randperm(hi - lo, generator=gen).numpy() + lo).astype(dtype))
-            order = np.concatenate(parts)
-        else:
-            order = np.arange(start, end, dtype=dtype)
-        per_rank = (end - start) // world
-        return order[: per_rank * world][rank::world]
+    def _group_rows(self, epoch: int, g: int) -> np.ndarray:
+        key = ("rows", epoch, g)
+        if key not in self._orders:
+            order, _ = self.shard_groups(epoch)
+            shards = order[g * self.shards_per_batch : (g + 1) * self.shards_per_batch]
+            rows = np.concatenate([np.arange(*self._shard_bounds(int(k)), dtype=np.int64) for k in shards])
+            rng = np.random.default_rng([self.seed % (1 << 63), epoch, g, 0x6A0])
+            rows = rows[rng.permutation(len(rows))]
+            cached = [k for k in self._orders if k[0] == "rows"]
+            for old in cached[: max(0, len(cached) - 3)]:  # keep the last few groups (blocks straddle groups)
+                del self._orders[old]
+            self._orders[key] = rows
+        return self._orders[key]
+
+    def epoch_positions(self, epoch: int, lo: int, hi: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(lo, hi, dtype=np.int64)
+        _, starts = self.shard_groups(epoch)
+        parts = []
+        g = int(np.searchsorted(starts, lo, side="right")) - 1
+        while lo < hi:
+            g_lo, g_hi = int(starts[g]), int(starts[g + 1])
+            take = min(hi, g_hi)
+            parts.append(self._group_rows(epoch, g)[lo - g_lo : take - g_lo])
+            lo, g = take, g + 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    # -- reading -------------------------------------------------------------------------------
 
     def read_rows(self, rows: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, list[int]]:
         """X rows, label codes (n, attributes) and cell ids of the global cell rows ``rows``, in that order,
         and the shards they come from.
 
         The shards are the in-memory AnnData objects of cellarium's ``DistributedAnnDataCollection``
-        (its LRU cache of ``max_cache_size`` shards; cached shards are touched first, as cellarium's
-        ``materialize`` does, so loading a shard never evicts one the batch needs). The values are
-        those of cellarium's ``AnnDataField`` batch ``self.inner[rows]``, without building an
-        AnnData view and concatenation per batch.
+        (its LRU cache; cached shards are touched first, as cellarium's ``materialize`` does, so
+        loading a shard never evicts one the batch needs). The values are those of cellarium's
+        ``AnnDataField`` batch, without building an AnnData view and concatenation per batch.
         """
         shard_n = np.searchsorted(self.limits, rows, side="right")
         shard_ids = np.unique(shard_n).tolist()
-        if len(shard_ids) > self.cfg.max_cache_size:
+        if len(shard_ids) > self.dadc.max_cache_size:
             raise ScldmError(
                 f"data.max_cache_size={self.cfg.max_cache_size}: a batch of {len(rows)} cells spans "
                 f"{len(shard_ids)} shards of {self.cfg.path}; raise data.max_cache_size to {len(shard_ids)} "
@@ -239,7 +269,7 @@ class H5ADTokenDataset(ShardedSource, IterableDataset):
         blocks, positions = [], []
         for k in sorted(shard_ids, key=lambda k: not lazy[k].cached):
             pos = np.flatnonzero(shard_n == k)
-            local = rows[pos] - (int(self.limits[k - 1]) if k else 0)
+            local = rows[pos] - self._shard_bounds(k)[0]
             adata = lazy[k].adata
             blocks.append(adata.X[local])
             positions.append(pos)
@@ -260,24 +290,88 @@ class H5ADTokenDataset(ShardedSource, IterableDataset):
             x = x[inverse]
         return x, labels_na, cell_index_n, shard_ids
 
-    def token_batch(self, idx_n: np.ndarray, epoch: int, j: int, rank: int, world: int) -> dict:
-        """Token batch ``j`` of a rank's epoch order ``idx_n`` (:meth:`rank_indices`)."""
-        b = self.batch_size
-        x, labels_na, cell_index_n, shard_ids = self.read_rows(idx_n[j * b : (j + 1) * b])
+    def _tokens(self, x, labels_na, cell_index_n, shard_ids, key, compact: bool) -> dict[str, torch.Tensor]:
         return tokenize_counts(
             x,
             self.var_to_vocab_g,
             labels_na,
             self.cfg.max_genes,
-            batch_rng(self.cfg.seed, epoch, j * world + rank),
+            block_rng(self.seed, key),
             cell_index_n=cell_index_n,
             where=" + ".join(self.files[k] for k in shard_ids),
-            pad=not self.compact_batches,
+            pad=not compact,
         )
 
-    def __iter__(self) -> Iterator[dict]:
-        rank, world = self._refresh_rank_world()
-        epoch = self.epoch
-        idx_n = self.rank_indices(epoch, rank, world)
-        ids = self.my_batch_ids(len(idx_n) // self.batch_size)
-        yield from self.counted(self.token_batch(idx_n, epoch, j, rank, world) for j in ids)
+    def read_blocks(self, blocks: Iterable[Block], compact: bool) -> Iterator[dict]:
+        for block in blocks:
+            yield self._tokens(*self.read_rows(block.positions), block.key, compact)
+
+    def inference_batches(self, rank: int, world: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        lo, hi = inference_range(self.n_cells, rank, world)
+        reader = _RowRangeReader(self)
+        try:
+            for a, b in batch_ranges(lo, hi, batch_size):
+                yield self._tokens(*reader.read(a, b), (INFERENCE_KEY, a), False)
+        finally:
+            reader.close()
+
+    def library_size_stats(self, max_cells: int = 4096) -> tuple[float, float]:
+        """Over the first ``max_cells`` cells of the first shard (prepared shards are a random sample)."""
+        reader = _RowRangeReader(self)
+        try:
+            x = reader.read(0, max(1, min(int(max_cells), self._shard_bounds(0)[1])))[0]
+        finally:
+            reader.close()
+        return log_library_stats(np.asarray(x.sum(axis=1), dtype=np.float64).ravel())
+
+
+class _RowRangeReader:
+    """Consecutive global row ranges read straight from the shard files (h5py), one file open at a time;
+    each shard's label codes and cell ids (a few bytes per cell) are read when the shard is opened."""
+
+    def __init__(self, source: H5ADSource) -> None:
+        self.source = source
+        self.k: int | None = None
+        self.file = None
+        self.codes_na = self.cell_index_n = None
+
+    def _open(self, k: int) -> None:
+        self.close()
+        src, path = self.source, self.source.files[k]
+        self.file = open_h5(path)
+        self.k = k
+        lo, hi = src._shard_bounds(k)
+        attrs = src.labels.attributes
+        self.codes_na = np.empty((hi - lo, len(attrs)), dtype=np.int64)
+        for a, attr in enumerate(attrs):
+            if attr in src.label_columns:
+                self.codes_na[:, a] = src.labels.encode(attr, read_elem(self.file, f"obs/{attr}", path))
+            else:
+                self.codes_na[:, a] = src.labels.unknown_code(attr)
+        if src.has_cell_index:
+            self.cell_index_n = np.asarray(read_elem(self.file, "obs/cell_index", path), dtype=np.int64)
+        else:
+            self.cell_index_n = np.arange(lo, hi, dtype=np.int64)
+
+    def read(self, a: int, b: int):
+        """``(x, labels_na, cell_index_n, shard ids)`` of global rows ``[a, b)`` (``a < b``)."""
+        src = self.source
+        xs, codes, ids, shards = [], [], [], []
+        while a < b:
+            k = int(np.searchsorted(src.limits, a, side="right"))
+            if self.k != k:
+                self._open(k)
+            lo, hi = src._shard_bounds(k)
+            take = min(b, hi)
+            xs.append(read_matrix_rows(self.file["X"], a - lo, take - lo))
+            codes.append(self.codes_na[a - lo : take - lo])
+            ids.append(self.cell_index_n[a - lo : take - lo])
+            shards.append(k)
+            a = take
+        x = xs[0] if len(xs) == 1 else scipy.sparse.vstack(xs, format="csr")
+        return x, np.concatenate(codes), np.concatenate(ids), shards
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file, self.k = None, None

@@ -2,36 +2,43 @@
 
 Layout of a cache directory::
 
-    latents_rank{r}_part{k}.npy     float32 (n, m, z)   raw (unstandardized) latents
-    labels_rank{r}_part{k}.npy      int64   (n, a)      label codes (LabelTables order)
-    cell_index_rank{r}_part{k}.npy  int64   (n,)        global cell ids
-    manifest_rank{r}.json           parts written by rank r (written by LatentCacheWriter.close)
-    manifest.json                   all parts, n_cells, shapes, label attributes, stats
-                                    (written by finalize_latent_cache, once every rank closed)
+    latents_{run}_rank{r}_part{k}.npy     float32 (n, m, z)   raw (unstandardized) latents
+    labels_{run}_rank{r}_part{k}.npy      int64   (n, a)      label codes (LabelTables order)
+    cell_index_{run}_rank{r}_part{k}.npy  int64   (n,)        global cell ids
+    manifest_rank{r}.json                 parts written by rank r of run ``run`` (LatentCacheWriter.close)
+    manifest.json                         all parts, n_cells, shapes, label attributes, stats, run id and
+                                          world size (finalize_latent_cache, once every rank closed)
 
-Every file is written to a temp sibling and renamed, and readers only trust ``manifest.json``,
-so an interrupted ``encode`` never leaves a cache that looks complete. ``stats`` holds the
-per-dimension latent mean/std used to standardize latents in stage 2.
+``run`` is one id shared by the ranks of one ``encode`` (:func:`shared_run_id`). Finalizing merges
+exactly the manifests of ranks ``0..world_size-1`` carrying that id: manifests and parts left by an
+earlier run (e.g. with more ranks) are never merged, and are deleted once the new manifest is in
+place. Every file is written to a temp sibling and renamed, and readers only trust
+``manifest.json``, so an interrupted ``encode`` never leaves a cache that looks complete.
+``stats`` holds the per-dimension latent mean/std used to standardize latents in stage 2.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-from collections.abc import Iterator, Sequence
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import IterableDataset
+import torch
 
-from scldm_scale.data.loader import ShardedSource
+from scldm_scale.data.labels import LabelTables
+from scldm_scale.data.source import Block, StreamSource, batch_ranges, inference_range
 from scldm_scale.data.vocab import read_json, write_json_atomic
+from scldm_scale import comm
 from scldm_scale.errors import ScldmError
 
 CACHE_FORMAT = "scldm-scale/latent-cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 _PART_BYTES = 64 << 20  # target size of one latents part file
+_PART_FILE_RE = re.compile(r"^(latents|labels|cell_index)_.+_rank\d+_part\d+\.npy$")
+_RANK_MANIFEST_RE = re.compile(r"^manifest_rank(\d+)\.json$")
 
 
 def _save_npy_atomic(path: str, arr: np.ndarray) -> None:
@@ -59,8 +66,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def shared_run_id() -> str:
+    """A new run id, the same on every rank (rank 0's, broadcast when a process group is initialized)."""
+    return str(comm.broadcast_object(uuid.uuid4().hex[:12]))
+
+
+def _check_run_id(run_id: str) -> str:
+    run_id = str(run_id)
+    if not re.fullmatch(r"[A-Za-z0-9-]+", run_id):
+        raise ValueError(f"run_id {run_id!r}: use letters, digits and '-' only (see shared_run_id)")
+    return run_id
+
+
 class LatentCacheWriter:
-    """Per-rank writer of latent parts. Buffers at most one part (~64 MiB) in memory."""
+    """Per-rank writer of latent parts. Buffers at most one part (~64 MiB) in memory.
+
+    ``run_id`` (:func:`shared_run_id`) and ``world_size`` identify the ``encode`` run; they go into
+    the part names and the rank's manifest, and :func:`finalize_latent_cache` checks them.
+    """
 
     def __init__(
         self,
@@ -69,11 +92,17 @@ class LatentCacheWriter:
         n_tokens: int,
         d_latent: int,
         label_attributes: Sequence[str],
+        *,
+        run_id: str,
+        world_size: int,
         part_cells: int | None = None,
     ) -> None:
         self.out_dir = os.fspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         self.rank, self.n_tokens, self.d_latent = int(rank), int(n_tokens), int(d_latent)
+        self.run_id, self.world_size = _check_run_id(run_id), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.label_attributes = list(label_attributes)
         self.part_cells = int(part_cells or max(1, _PART_BYTES // (4 * self.n_tokens * self.d_latent)))
         self._z: list[np.ndarray] = []
@@ -114,11 +143,7 @@ class LatentCacheWriter:
     def _flush(self, n: int) -> None:
         z, lab, cells = (np.concatenate(b, axis=0) for b in (self._z, self._labels, self._cells))
         k = len(self.parts)
-        names = {
-            "latents": f"latents_rank{self.rank}_part{k}.npy",
-            "labels": f"labels_rank{self.rank}_part{k}.npy",
-            "cell_index": f"cell_index_rank{self.rank}_part{k}.npy",
-        }
+        names = {key: f"{key}_{self.run_id}_rank{self.rank}_part{k}.npy" for key in ("latents", "labels", "cell_index")}
         _save_npy_atomic(os.path.join(self.out_dir, names["latents"]), z[:n])
         _save_npy_atomic(os.path.join(self.out_dir, names["labels"]), lab[:n])
         _save_npy_atomic(os.path.join(self.out_dir, names["cell_index"]), cells[:n])
@@ -135,6 +160,8 @@ class LatentCacheWriter:
             os.path.join(self.out_dir, f"manifest_rank{self.rank}.json"),
             {
                 "rank": self.rank,
+                "world_size": self.world_size,
+                "run_id": self.run_id,
                 "n_tokens": self.n_tokens,
                 "d_latent": self.d_latent,
                 "label_attributes": self.label_attributes,
@@ -145,21 +172,24 @@ class LatentCacheWriter:
         self.closed = True
 
 
-def finalize_latent_cache(out_dir: str | os.PathLike, stats: dict, world_size: int | None = None) -> dict:
-    """Merge the per-rank manifests into ``manifest.json`` (call once, after every rank closed)."""
+def finalize_latent_cache(out_dir: str | os.PathLike, stats: dict, *, world_size: int, run_id: str) -> dict:
+    """Merge the manifests of ranks ``0..world_size-1`` of run ``run_id`` into ``manifest.json`` (call once,
+    on one rank, after every rank closed its writer); then delete what other runs left behind."""
     out_dir = os.fspath(out_dir)
-    rank_files = sorted(
-        glob.glob(os.path.join(glob.escape(out_dir), "manifest_rank*.json")),
-        key=lambda p: int(os.path.basename(p)[len("manifest_rank") : -len(".json")]),
-    )
-    if not rank_files:
-        raise ScldmError(f"{out_dir}: no per-rank latent manifests; `encode` did not finish writing")
-    ranks = [read_json(p, "per-rank latent manifest", "re-run `scldm-scale encode`") for p in rank_files]
-    if world_size is not None and sorted(r["rank"] for r in ranks) != list(range(world_size)):
-        raise ScldmError(
-            f"{out_dir}: latent manifests of ranks {[r['rank'] for r in ranks]} found, expected 0..{world_size - 1}; "
-            "re-run `scldm-scale encode`"
-        )
+    run_id, world_size = _check_run_id(run_id), int(world_size)
+    fix = "re-run `scldm-scale encode` (every rank must finish writing)"
+    ranks = []
+    for r in range(world_size):
+        path = os.path.join(out_dir, f"manifest_rank{r}.json")
+        if not os.path.isfile(path):
+            raise ScldmError(f"{path}: latent manifest of rank {r} of {world_size} is missing; {fix}")
+        manifest = read_json(path, "per-rank latent manifest", fix)
+        if manifest.get("run_id") != run_id or int(manifest.get("world_size", -1)) != world_size:
+            raise ScldmError(
+                f"{path}: written by another encode run (run {manifest.get('run_id')!r} on "
+                f"{manifest.get('world_size')} ranks, expected run {run_id!r} on {world_size}); {fix}"
+            )
+        ranks.append(manifest)
     first = ranks[0]
     for r in ranks[1:]:
         for key in ("n_tokens", "d_latent", "label_attributes"):
@@ -169,6 +199,8 @@ def finalize_latent_cache(out_dir: str | os.PathLike, stats: dict, world_size: i
     manifest = {
         "format": CACHE_FORMAT,
         "format_version": CACHE_FORMAT_VERSION,
+        "run_id": run_id,
+        "world_size": world_size,
         "n_cells": int(sum(p["n_cells"] for p in parts)),
         "n_tokens": first["n_tokens"],
         "d_latent": first["d_latent"],
@@ -177,7 +209,21 @@ def finalize_latent_cache(out_dir: str | os.PathLike, stats: dict, world_size: i
         "stats": _jsonable(stats),
     }
     write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
+    _remove_stale(out_dir, manifest)
     return manifest
+
+
+def _remove_stale(out_dir: str, manifest: dict) -> None:
+    """Delete per-rank manifests of ranks beyond the world size and part files the manifest does not list."""
+    keep = {p[key] for p in manifest["parts"] for key in ("latents", "labels", "cell_index")}
+    for name in os.listdir(out_dir):
+        rank = _RANK_MANIFEST_RE.match(name)
+        stale_manifest = rank is not None and int(rank.group(1)) >= manifest["world_size"]
+        if stale_manifest or (_PART_FILE_RE.match(name) and name not in keep):
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except FileNotFoundError:
+                pass
 
 
 def _manifest_path(path: str | os.PathLike) -> str:
@@ -213,15 +259,25 @@ def read_latent_stats(path: str | os.PathLike) -> dict:
     return stats
 
 
-class LatentCacheDataset(ShardedSource, IterableDataset):
-    """Streams batches ``{"z_nmz", "labels_na", "cell_index_n"}`` from a finalized latent cache.
+class LatentCacheSource(StreamSource):
+    """Batches ``{"z_nmz", "labels_na", "cell_index_n"}`` of a finalized latent cache.
 
-    Each epoch is a permutation of all cached cells seeded by ``(seed, epoch)``, cut to equal
-    counts per rank and strided over ranks; workers and resume follow
-    :mod:`scldm_scale.data.loader`. Parts are memory-mapped: memory is bounded by the batch.
+    Each epoch's order is a permutation of all cached cells seeded by ``(seed, epoch)`` (the stream,
+    ranks, workers and resume follow :mod:`scldm_scale.data.source`); the inference pass visits
+    the cache rows in order. Parts are memory-mapped: memory is bounded by the batch (plus 4-8
+    bytes per cell for the epoch's order).
     """
 
-    def __init__(self, path: str | os.PathLike, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+    token_batches = False
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        labels: LabelTables | None = None,
+    ) -> None:
         self.path = os.fspath(path)
         if batch_size < 1:
             raise ScldmError(f"data.batch_size={batch_size}: must be >= 1")
@@ -233,14 +289,29 @@ class LatentCacheDataset(ShardedSource, IterableDataset):
                 f = os.path.join(self.root, p[key])
                 if not os.path.isfile(f):
                     raise ScldmError(f"{f}: latent cache part is missing; re-run `scldm-scale encode`")
+        if labels is not None and self.label_attributes != labels.attributes:
+            raise ScldmError(
+                f"{self.path}: latent cache label attributes {self.label_attributes} differ from the label tables "
+                f"{labels.attributes}; re-run `scldm-scale encode` with the same labels.json"
+            )
+        self.vocab, self.labels = None, labels
         self.offsets = np.concatenate([[0], np.cumsum([p["n_cells"] for p in self.parts])]).astype(np.int64)
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self._mmaps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._refresh_rank_world()
+        self._orders: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_config(cls, cfg, labels: LabelTables | None = None) -> LatentCacheSource:
+        """``data.path`` is the cache; labels: given, else ``data.labels_path``, else ``labels.json`` in the cache."""
+        if labels is None:
+            path = cfg.labels_path or os.path.join(os.fspath(cfg.path), "labels.json")
+            labels = LabelTables.load(path) if os.path.isfile(path) else None
+        return cls(cfg.path, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, labels=labels)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_mmaps"] = {}  # each worker opens its own maps
+        state["_orders"] = {}
         return state
 
     @property
@@ -263,22 +334,26 @@ class LatentCacheDataset(ShardedSource, IterableDataset):
     def stats(self) -> dict:
         return read_latent_stats(self.path)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        _, world = self._refresh_rank_world()
-        return (self.n_cells // world) // self.batch_size
-
     def describe(self) -> str:
         return self.path
 
-    def rank_indices(self, epoch: int, rank: int, world: int) -> np.ndarray:
-        n = self.n_cells
-        if self.shuffle:
-            order = np.random.default_rng([self.seed % (1 << 63), epoch, 0x1A7]).permutation(n)
-        else:
-            order = np.arange(n, dtype=np.int64)
-        per_rank = n // world
-        return order[: per_rank * world][rank::world]
+    def library_size_stats(self, max_cells: int = 4096) -> tuple[float, float]:
+        raise ScldmError(
+            f"{self.path}: a latent cache holds no counts, so it has no library sizes; "
+            "read them from the count data the VAE was trained on"
+        )
+
+    def epoch_positions(self, epoch: int, lo: int, hi: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(lo, hi, dtype=np.int64)
+        if epoch not in self._orders:
+            n = self.n_cells
+            order = np.arange(n, dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
+            np.random.default_rng([self.seed % (1 << 63), epoch, 0x1A7]).shuffle(order)
+            for old in sorted(self._orders)[:-1]:  # a block straddles at most two epochs
+                del self._orders[old]
+            self._orders[epoch] = order
+        return self._orders[epoch][lo:hi]
 
     def _part(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if k not in self._mmaps:
@@ -290,6 +365,7 @@ class LatentCacheDataset(ShardedSource, IterableDataset):
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``ids`` (global cache order) read from the memory maps, in the order given."""
+        ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
         z = np.empty((n, self.n_tokens, self.d_latent), dtype=np.float32)
         labels = np.empty((n, len(self.label_attributes)), dtype=np.int64)
@@ -305,11 +381,14 @@ class LatentCacheDataset(ShardedSource, IterableDataset):
             cells[sel[order]] = cell_m[local[order]]
         return {"z_nmz": z, "labels_na": labels, "cell_index_n": cells}
 
-    def __iter__(self) -> Iterator[dict]:
-        import torch
+    def _batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in self.gather(ids).items()}
 
-        rank, world = self._refresh_rank_world()
-        b = self.batch_size
-        idx_n = self.rank_indices(self.epoch, rank, world)
-        for out in self.counted(self.gather(idx_n[j * b : (j + 1) * b]) for j in self.my_batch_ids(len(idx_n) // b)):
-            yield {k: torch.from_numpy(v) for k, v in out.items()}
+    def read_blocks(self, blocks: Iterable[Block], compact: bool) -> Iterator[dict]:
+        for block in blocks:
+            yield self._batch(block.positions)
+
+    def inference_batches(self, rank: int, world: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        lo, hi = inference_range(self.n_cells, rank, world)
+        for a, b in batch_ranges(lo, hi, batch_size):
+            yield self._batch(np.arange(a, b, dtype=np.int64))

@@ -5,32 +5,31 @@ member is a full source built from the enclosing ``data`` section with the membe
 overriding it, so all members share the batch size, tokenizer settings, gene vocabulary and
 label tables.
 
-Epoch ``e`` of the mixture has ``N = sum of the members' batches per epoch`` batches (per
-rank). Member ``s`` supplies exactly ``n_s`` of them, ``N * w_s`` rounded by largest
-remainder, at positions given by a permutation seeded by ``(seed, e)``: the same on every
-rank and worker, and independent of the worker count. Each member is read as one continuous
-stream of its own epochs: the ``k``-th batch the mixture draws from member ``s`` overall is
-that member's batch ``k % B_s`` of its epoch ``k // B_s`` (``B_s`` = its batches per epoch),
-so a heavily weighted small member cycles through epochs (each reshuffled) and a lightly
-weighted one resumes where it stopped in the next mixture epoch. A member's position is a
-function of the mixture's ``(epoch, batches_consumed)``, which is all the checkpoint needs;
-resume is exact for any worker count because workers take mixture batches by index
-(:func:`~scldm_scale.data.loader.worker_batch_ids`).
+The mixture's stream (see :mod:`scldm_scale.data.source`) is a sequence of whole *draws* of
+``b = batch_size`` cells, each from one member. Mixture epoch ``e`` has ``M = sum_s ceil(N_s / b)``
+draws (``N_s``: member ``s``'s cells); member ``s`` supplies exactly ``n_s`` of them, ``M * w_s``
+rounded by largest remainder, at places given by a permutation seeded by ``(seed, e)``. Each member
+is read as its own continuous stream: the ``j``-th draw from member ``s`` overall is the ``b``
+cells at its stream position ``j * b`` (its epochs, each reshuffled, one after another), so a
+heavily weighted small member cycles through its epochs and a lightly weighted one resumes
+where it stopped in the next mixture epoch; over one of its epochs a member yields each of its
+cells once. A step of ``W`` ranks takes ``W`` consecutive draws, one per rank. The position is
+the number of draws consumed (times ``b``): it does not depend on the number of ranks or workers,
+and every member's position follows from it (``state_dict()["sources"]``, for inspection).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import IterableDataset
+import torch
 
 from scldm_scale.data.config import DataConfig, SourceKind, SourceSpec
-from scldm_scale.data.labels import LabelTables
-from scldm_scale.data.loader import ShardedSource
-from scldm_scale.data.vocab import GeneVocab
+from scldm_scale.data.source import StreamSource
 from scldm_scale.errors import ScldmError
 
 _MEMBER_KINDS = (SourceKind.H5AD, SourceKind.SOMA)
@@ -104,106 +103,141 @@ def split_counts(total: int, weights: Iterable[float]) -> np.ndarray:
     return counts
 
 
-class MixtureDataset(ShardedSource, IterableDataset):
-    """Token batches drawn from several sources in proportion to their weights."""
+class MixtureSource(StreamSource):
+    """Token batches drawn from several sources in proportion to their weights (see the module docstring)."""
 
-    def __init__(self, cfg: Any, vocab: GeneVocab | None, labels: LabelTables | None, validate: bool = True) -> None:
-        from scldm_scale.data.loader import build_dataset
+    order_uses_batch_size = True  # draws are batch-sized
 
-        if vocab is None or labels is None:
-            raise ScldmError(
-                "data.source=mixture needs a gene vocabulary and label tables shared by all sources; "
-                "set data.vocab_path and data.labels_path"
-            )
-        members = member_configs(cfg)
+    def __init__(
+        self, cfg: Any, members: Sequence[StreamSource], weights: Sequence[float], names: Sequence[str]
+    ) -> None:
         self.cfg = _as_data_config(cfg)
         self.seed = int(self.cfg.seed)
-        self.batch_size = int(self.cfg.batch_size)
-        self.sources = [build_dataset(c, vocab, labels, validate=validate) for c, _ in members]
-        self.names = [f"{c.source.value}:{c.path or c.census_version}" for c, _ in members]
-        self.weights = np.array([w for _, w in members], dtype=np.float64)
+        self.batch_size = b = int(self.cfg.batch_size)
+        if b < 1:
+            raise ScldmError(f"data.batch_size={b}: must be >= 1")
+        self.sources = list(members)
+        self.names = list(names)
+        self.vocab, self.labels = self.sources[0].vocab, self.sources[0].labels
+        for name, source in zip(self.names, self.sources):
+            if source.cells_per_epoch < b:
+                raise ScldmError(
+                    f"data.sources ({name}): {source.cells_per_epoch} cells, fewer than data.batch_size={b}; "
+                    "lower data.batch_size or widen the member's selection"
+                )
+        self.weights = np.array(weights, dtype=np.float64)
         self.weights /= self.weights.sum()
-        self._refresh_rank_world()
+        self.member_draws = np.array([-(-s.cells_per_epoch // b) for s in self.sources], dtype=np.int64)
+        self.draws_per_epoch = int(self.member_draws.sum())
+        self.counts = split_counts(self.draws_per_epoch, self.weights)
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_plans"] = {}
+        return state
 
     @property
     def n_cells(self) -> int:
         return int(sum(s.n_cells for s in self.sources))
 
     @property
-    def source_batches(self) -> list[int]:
-        """Batches per epoch (per rank) of every member."""
-        self._refresh_rank_world()
-        return [int(s.batches_per_epoch) for s in self.sources]
-
-    @property
-    def batches_per_epoch(self) -> int:
-        sizes = self.source_batches
-        return 0 if min(sizes) == 0 else int(sum(sizes))
-
-    def draws_per_epoch(self) -> np.ndarray:
-        """Batches drawn from every member in one mixture epoch."""
-        return split_counts(self.batches_per_epoch, self.weights)
-
-    def choices(self, epoch: int) -> np.ndarray:
-        """Member of every batch of mixture epoch ``epoch``."""
-        counts = self.draws_per_epoch()
-        order = np.repeat(np.arange(len(self.sources)), counts)
-        return np.random.default_rng([self.seed % (1 << 63), epoch, 0x313]).permutation(order)
-
-    def member_positions(self, epoch: int, consumed: int) -> list[dict[str, int]]:
-        """Each member's own ``{epoch, batches_consumed}`` after ``consumed`` batches of mixture epoch ``epoch``."""
-        counts = self.draws_per_epoch()
-        drawn = np.bincount(self.choices(epoch)[:consumed], minlength=len(self.sources))
-        out = []
-        for s, b_s in enumerate(self.source_batches):
-            k = epoch * int(counts[s]) + int(drawn[s])
-            out.append({"epoch": k // b_s, "batches_consumed": k % b_s})
-        return out
+    def cells_per_epoch(self) -> int:
+        return self.draws_per_epoch * self.batch_size
 
     def describe(self) -> str:
         return "data.sources (mixture)"
 
+    def choices(self, epoch: int) -> np.ndarray:
+        """Member of every draw of mixture epoch ``epoch``."""
+        return self._plan(epoch)[0]
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Member of every draw of the epoch and how many draws of that member came before it in the epoch."""
+        if epoch not in self._plans:
+            order = np.repeat(np.arange(len(self.sources)), self.counts)
+            choice = np.random.default_rng([self.seed % (1 << 63), epoch, 0x313]).permutation(order)
+            before = np.zeros(len(choice), dtype=np.int64)
+            for s in range(len(self.sources)):
+                mine = choice == s
+                before[mine] = np.arange(int(mine.sum()))
+            for old in sorted(self._plans)[:-1]:
+                del self._plans[old]
+            self._plans[epoch] = (choice, before)
+        return self._plans[epoch]
+
+    def locate(self, draw: int) -> tuple[int, int]:
+        """``(member, member stream position)`` of mixture draw ``draw``."""
+        epoch, i = divmod(int(draw), self.draws_per_epoch)
+        choice, before = self._plan(epoch)
+        s = int(choice[i])
+        return s, (epoch * int(self.counts[s]) + int(before[i])) * self.batch_size
+
+    def member_positions(self, draws: int) -> list[dict[str, int]]:
+        """Each member's own stream position after ``draws`` draws of the mixture."""
+        epoch, i = divmod(int(draws), self.draws_per_epoch)
+        done = epoch * self.counts + np.bincount(self.choices(epoch)[:i], minlength=len(self.sources))
+        out = []
+        for s, source in enumerate(self.sources):
+            cells = int(done[s]) * self.batch_size
+            out.append({"epoch": cells // source.cells_per_epoch, "cells_consumed": cells % source.cells_per_epoch})
+        return out
+
+    def read_stream(self, starts: Iterable[int], n: int, compact: bool) -> Iterator[dict]:
+        """Each draw from its member's own stream. Members read ahead (SOMA groups and prefetches), so
+        draws are taken from ``starts`` as the first reader needs them and queued per member."""
+        b = self.batch_size
+        if n != b:
+            raise ValueError(f"a mixture reads whole draws of {b} cells, not {n}")
+        starts = iter(starts)
+        queued = [collections.deque() for _ in self.sources]  # member stream positions not yet requested
+        members = collections.deque()  # member of every draw taken from `starts` and not yet yielded
+
+        def take() -> bool:
+            start = next(starts, None)
+            if start is None:
+                return False
+            if start % b:
+                raise ValueError(f"mixture stream position {start} is not a multiple of the batch size {b}")
+            s, pos = self.locate(start // b)
+            queued[s].append(pos)
+            members.append(s)
+            return True
+
+        def requests(s: int) -> Iterator[int]:
+            while queued[s] or take():
+                if queued[s]:
+                    yield queued[s].popleft()
+
+        streams = [source.read_stream(requests(s), b, compact) for s, source in enumerate(self.sources)]
+        while members or take():
+            yield next(streams[members.popleft()])
+
     def state_dict(self) -> dict[str, Any]:
-        """``epoch`` / ``batches_consumed`` (all that resuming needs) and, for inspection, each member's position."""
+        """The position (as every source) and, for inspection, each member's own position."""
         state = super().state_dict()
-        state["sources"] = self.member_positions(self.epoch, state["batches_consumed"])
+        state["sources"] = self.member_positions(self._position // self.batch_size)
         return state
 
-    def __iter__(self) -> Iterator[dict]:
-        rank, world = self._refresh_rank_world()
-        epoch = self.epoch
-        n_batches = self.batches_per_epoch
-        choice_n = self.choices(epoch)
-        counts = self.draws_per_epoch()
-        sizes = self.source_batches
-        # stream position of every batch inside its member: epoch * n_s + draws of that member before it
-        before = np.zeros(n_batches, dtype=np.int64)
-        for s in range(len(self.sources)):
-            mine = choice_n == s
-            before[mine] = epoch * int(counts[s]) + np.arange(int(mine.sum()))
-        js = list(self.my_batch_ids(n_batches))
-        streams = []
-        for s, source in enumerate(self.sources):
-            source.compact_batches = self.compact_batches
-            requests = [(int(before[j]) // sizes[s], int(before[j]) % sizes[s]) for j in js if choice_n[j] == s]
-            streams.append(_member_batches(source, requests, rank, world))
-        yield from self.counted(next(streams[int(choice_n[j])]) for j in js)
-        for stream in streams:
-            stream.close()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self._position % self.batch_size:
+            raise ScldmError(
+                f"{self.describe()}: checkpoint data position ({self._position} cells) is not a whole number of "
+                f"draws of data.batch_size={self.batch_size}; resume with the batch size the run started with"
+            )
 
+    def inference_batches(self, rank: int, world: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every member's inference pass in turn (cell ids are the members' own)."""
+        for source in self.sources:
+            yield from source.inference_batches(rank, world, batch_size)
 
-def _member_batches(source, requests: list[tuple[int, int]], rank: int, world: int) -> Iterator[dict]:
-    """Token batches ``(epoch, j)`` of one member, in order."""
-    if hasattr(source, "iter_batches"):  # SOMA: groups requests into shared reads
-        return source.iter_batches(iter(requests))
-    return _h5ad_batches(source, requests, rank, world)
+    def inference_cells(self, rank: int, world: int) -> int:
+        return sum(source.inference_cells(rank, world) for source in self.sources)
 
-
-def _h5ad_batches(ds, requests: list[tuple[int, int]], rank: int, world: int) -> Iterator[dict]:
-    """Random access to batches ``(epoch, j)`` of an :class:`~scldm_scale.data.h5ad_source.H5ADTokenDataset`
-    (same cells, tokens and seeds as its own iteration)."""
-    cached: tuple[int, np.ndarray] | None = None
-    for epoch, j in requests:
-        if cached is None or cached[0] != epoch:
-            cached = (epoch, ds.rank_indices(epoch, rank, world))
-        yield ds.token_batch(cached[1], epoch, j, rank, world)
+    def library_size_stats(self, max_cells: int = 4096) -> tuple[float, float]:
+        """The members' statistics pooled with the mixture weights."""
+        stats = np.array([s.library_size_stats(max_cells) for s in self.sources])
+        mean = float((self.weights * stats[:, 0]).sum())
+        var = float((self.weights * (stats[:, 1] ** 2 + stats[:, 0] ** 2)).sum()) - mean**2
+        return mean, float(max(np.sqrt(max(var, 0.0)), 0.1))

@@ -1,40 +1,33 @@
 """Token batches streamed from a TileDB-SOMA experiment (local, URI or CELLxGENE Census).
 
 The selection (``data.value_filter`` on obs) is read once: its ``soma_joinid``s (ascending)
-and the encoded label columns, a few bytes per cell. X is never materialized: each epoch reads
+and the encoded label columns, a few bytes per cell. X is never materialized: the stream reads
 the selected cells in shuffled chunks, a shuffle buffer at a time.
 
-Epoch order (deterministic given ``seed``, epoch, world size; independent of dataloader workers):
+Epoch order (global: the same for any number of ranks and workers, see
+:mod:`scldm_scale.data.source`; deterministic given ``seed``, epoch and ``batch_size``):
 
-1. The selection is cut into chunks of ``chunk_size`` consecutive joinids (I/O locality).
-   A permutation seeded by ``(seed, epoch)`` orders all chunks globally and deals them
-   round-robin to the ranks; every rank keeps ``n_chunks // world`` chunks and the first
-   ``batches_per_epoch * batch_size`` of their cells (equal batches on every rank; at most
-   ``world`` chunks plus a batch worth of cells per rank sit out an epoch, different ones
-   each epoch).
-2. A rank's cells, in chunk order, are cut into *super-buffers* of ``READ_LANES`` lanes of
+1. The selection is cut into chunks of ``chunk_size`` consecutive joinids (I/O locality); a
+   permutation seeded by ``(seed, epoch)`` orders the chunks.
+2. The chunk-ordered cells are cut into *super-buffers* of ``READ_LANES`` lanes of
    ``shuffle_buffer`` cells each (rounded to whole batches). Slot ``r`` (the ``r``-th run of
-   ``batch_size`` cells) of a super-buffer belongs to lane ``r % READ_LANES``; the cells of a
-   lane are permuted (seeded by seed, epoch, rank, super-buffer, lane) and cut into its
-   batches, and batch ``r`` of the super-buffer is taken from lane ``r % READ_LANES``. So
-   every batch mixes ``shuffle_buffer`` cells from ``shuffle_buffer / chunk_size`` chunks,
-   and without shuffling batches are plain runs of the selection.
-3. Batch ``j`` of a rank is served by dataloader worker ``(j - start) % num_workers``
-   (:func:`~scldm_scale.data.loader.worker_batch_ids`), so a resumed epoch continues exactly
-   with any worker count. A worker reads, per super-buffer, only the cells of its own batches,
-   in one X query, and reads the next super-buffer in a background thread while it tokenizes;
-   when ``num_workers`` divides ``READ_LANES`` the workers read disjoint lanes (disjoint
-   chunks), so the chunks are read once.
+   ``batch_size`` cells) of a super-buffer belongs to lane ``r % READ_LANES``; the cells of a lane
+   are permuted (seeded by seed, epoch, super-buffer, lane) and put back into its slots. Every
+   batch thus mixes ``shuffle_buffer`` cells from ``shuffle_buffer / chunk_size`` chunks, and
+   without shuffling batches are plain runs of the selection.
+3. The stream's blocks (one per rank per step) are consecutive slots, so when the ranks x workers
+   that read divide ``READ_LANES`` each one reads its own lane (disjoint chunks); a reader reads,
+   per super-buffer, only the cells of its own blocks, in one X query, and reads the next group in
+   a background thread while it tokenizes.
 
 Memory: the selection's joinids and label codes (about 11 bytes per selected cell), plus per
-process at most two super-buffers' worth of cells (``2 * READ_LANES * shuffle_buffer``, split
-between the workers), whatever the size of the experiment.
+process at most two super-buffers' worth of cells (``2 * READ_LANES * shuffle_buffer``), whatever
+the size of the experiment.
 
 ``data.path`` is the experiment URI; with ``data.census_version`` set it is the Census
 organism (default ``homo_sapiens``) and the Census is opened with ``cellxgene_census``
 (``pip install 'scldm-scale[census]'``); Census counts are in ``data.x_layer=raw`` and its
-gene ids in the var column ``feature_id`` (found automatically). Each batch is tokenized with a
-generator seeded by ``(seed, epoch, global batch index)``.
+gene ids in the var column ``feature_id`` (found automatically).
 
 TileDB is not fork-safe, see ``_TILEDB_PID``: the setup runs in a short-lived forked child so
 that the training process stays clean and can fork dataloader workers.
@@ -52,11 +45,19 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse
-from torch.utils.data import IterableDataset
+import torch
 
 from scldm_scale.data.config import DataConfig
 from scldm_scale.data.labels import LabelTables
-from scldm_scale.data.loader import ShardedSource, batch_rng
+from scldm_scale.data.source import (
+    INFERENCE_KEY,
+    Block,
+    StreamSource,
+    batch_ranges,
+    block_rng,
+    inference_range,
+    log_library_stats,
+)
 from scldm_scale.data.tokenize import tokenize_counts
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.errors import ScldmError
@@ -69,6 +70,7 @@ READ_LANES = 2  # batches alternate between this many shuffle buffers (see the m
 TILEDB_MEMORY_BUDGET = 128 << 20
 CENSUS_ORGANISM = "homo_sapiens"
 _VAR_ID_CANDIDATES = ("var_id", "feature_id", "gene_id", "ensembl_id")  # tiledbsoma.io, Census, common names
+SYMBOL_COLUMNS = ("gene_symbol", "feature_name", "gene_symbols", "gene_name")  # prepare, Census, common names
 
 
 # TileDB is not fork-safe: once a process has created a TileDB context, reads in a process
@@ -273,13 +275,15 @@ class _SomaExperiment:
                 f"over obs columns {obs_names[:30]}"
             ) from None
 
-class SomaTokenDataset(_SomaExperiment, ShardedSource, IterableDataset):
-    """Iterable of token batches over a TileDB-SOMA experiment, sharded by rank and worker.
+class SomaSource(_SomaExperiment, StreamSource):
+    """Token batches over a TileDB-SOMA experiment (see the module docstring for the epoch order).
 
-    Yields the same batch dict as :class:`~scldm_scale.data.h5ad_source.H5ADTokenDataset`
-    (``cell_index_n`` holds ``soma_joinid``s). TileDB handles are opened lazily in the
-    process that reads (each dataloader worker opens its own) and are never pickled.
+    Yields the same batch dict as :class:`~scldm_scale.data.h5ad_source.H5ADSource`
+    (``cell_index_n`` holds ``soma_joinid``s). TileDB handles are opened lazily in the process
+    that reads (each dataloader worker opens its own) and are never pickled.
     """
+
+    order_uses_batch_size = True  # lanes are made of batch-sized slots
 
     def __init__(self, cfg: DataConfig, vocab: GeneVocab, labels: LabelTables) -> None:
         for key in ("batch_size", "chunk_size", "shuffle_buffer"):
@@ -288,13 +292,13 @@ class SomaTokenDataset(_SomaExperiment, ShardedSource, IterableDataset):
         labels.check_columns(cfg.label_columns)
         self._init_location(cfg)
         self.cfg = cfg
+        self.vocab, self.labels = vocab, labels
         self.batch_size = int(cfg.batch_size)
         self.chunk_size = int(cfg.chunk_size)
         self.lane_batches = max(1, int(cfg.shuffle_buffer) // self.batch_size)  # batches per lane (shuffle buffer)
         self.shuffle, self.seed = bool(cfg.shuffle), int(cfg.seed)
-        self.labels = labels
         self._handle: tuple[Any, Any, int] | None = None  # (root to close, X array, pid)
-        self._plan_cache: tuple | None = None
+        self._plans: dict = {}
 
         _check_fork_safe(self.where)
         setup = _in_clean_process(self._setup, vocab, str(cfg.var_id_column or ""))
@@ -304,7 +308,25 @@ class SomaTokenDataset(_SomaExperiment, ShardedSource, IterableDataset):
         self.joinids_n = joinids_n.view(np.int64)
         self.label_codes_na = label_codes_na.view(np.dtype(label_codes_na.dtype.str))
 
-        self._refresh_rank_world()
+    @classmethod
+    def read_tables(cls, cfg: DataConfig) -> tuple[GeneVocab, LabelTables]:
+        """``data.vocab_path`` / ``data.labels_path``, else the ``vocab.json`` / ``labels.json`` that
+        ``prepare soma`` writes into the experiment, else read from the experiment itself
+        (:func:`experiment_vocab_and_labels`: the Census, experiments ingested by other tools)."""
+        paths = {"vocab_path": cfg.vocab_path, "labels_path": cfg.labels_path}
+        local = os.path.expanduser(str(cfg.path))
+        if not cfg.census_version and os.path.isdir(local):
+            for key, name in (("vocab_path", "vocab.json"), ("labels_path", "labels.json")):
+                if not paths[key] and os.path.isfile(os.path.join(local, name)):
+                    paths[key] = os.path.join(local, name)
+        vocab = GeneVocab.load(paths["vocab_path"]) if paths["vocab_path"] else None
+        labels = LabelTables.load(paths["labels_path"]) if paths["labels_path"] else None
+        if vocab is None or labels is None:
+            read_vocab, read_labels = experiment_vocab_and_labels(cfg, want_vocab=vocab is None,
+                                                                  want_labels=labels is None)
+            vocab = vocab if vocab is not None else read_vocab
+            labels = labels if labels is not None else read_labels
+        return vocab, labels
 
     # -----------------------------------------------------------------------------------------
     # opening and setup
@@ -312,7 +334,7 @@ class SomaTokenDataset(_SomaExperiment, ShardedSource, IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_handle"] = None  # each process opens its own TileDB handles
-        state["_plan_cache"] = None
+        state["_plans"] = {}
         return state
 
     def _setup(self, vocab: GeneVocab, var_id_column: str):
@@ -389,77 +411,74 @@ class SomaTokenDataset(_SomaExperiment, ShardedSource, IterableDataset):
         self._handle = None
 
     # -----------------------------------------------------------------------------------------
-    # epoch plan
+    # epoch order
 
     @property
     def n_cells(self) -> int:
         """Cells selected by the filter."""
         return int(len(self.joinids_n))
 
-    def _cells_per_rank(self, world: int) -> int:
-        n, c = self.n_cells, self.chunk_size
-        n_chunks = -(-n // c)
-        per_rank_chunks = n_chunks // world
-        if per_rank_chunks == 0:
-            return 0
-        short = n_chunks * c - n  # the last chunk is `short` cells shorter; a rank may hold it
-        return per_rank_chunks * c - short
-
     @property
-    def batches_per_epoch(self) -> int:
-        _, world = self._refresh_rank_world()
-        return self._cells_per_rank(world) // self.batch_size
+    def superbuffer_cells(self) -> int:
+        return READ_LANES * self.lane_batches * self.batch_size
 
     def describe(self) -> str:
         return self.where
 
-    def _plan(self, epoch: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's chunks (in epoch order) and the rank-order offset where each starts."""
-        key = (epoch, rank, world)
-        if self._plan_cache is None or self._plan_cache[0] != key:
+    def _cached(self, key: tuple, make, keep: int = 2):
+        if key not in self._plans:
+            same = [k for k in self._plans if k[0] == key[0]]
+            for old in same[: max(0, len(same) - keep + 1)]:
+                del self._plans[old]
+            self._plans[key] = make()
+        return self._plans[key]
+
+    def _chunk_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The chunks of epoch ``epoch`` in order and the offset where each starts in the chunk order."""
+
+        def make():
             n, c = self.n_cells, self.chunk_size
             n_chunks = -(-n // c)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed % (1 << 63), epoch, 0x50AA]).permutation(n_chunks)
-            else:
-                order = np.arange(n_chunks)
-            chunks = order[rank::world][: n_chunks // world].astype(np.int64)
-            lengths = np.minimum(c, n - chunks * c)
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            self._plan_cache = (key, chunks, starts)
-        return self._plan_cache[1], self._plan_cache[2]
+            order = np.random.default_rng([self.seed % (1 << 63), epoch, 0x50AA]).permutation(n_chunks)
+            lengths = np.minimum(c, n - order * c)
+            return order.astype(np.int64), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
-    def _rank_positions(self, epoch: int, rank: int, world: int, idx: np.ndarray) -> np.ndarray:
-        """Selection positions of rank-order cell indices ``idx``."""
-        chunks, starts = self._plan(epoch, rank, world)
-        k = np.searchsorted(starts, idx, side="right") - 1
-        return chunks[k] * self.chunk_size + (idx - starts[k])
+        return self._cached(("chunks", epoch), make)
 
-    def _batch_positions(self, epoch: int, j: int, rank: int, world: int, n_batches: int) -> np.ndarray:
-        """Selection positions of the cells of rank-local batch ``j``, in batch order.
+    def _superbuffer(self, epoch: int, u: int) -> np.ndarray:
+        """Selection positions of super-buffer ``u`` of epoch ``epoch``, in epoch order."""
 
-        Slot ``r`` of super-buffer ``u`` is the ``r``-th run of ``batch_size`` cells of the
-        super-buffer (rank order); lane ``r % READ_LANES`` owns the slots ``r`` of its residue.
-        Without shuffling batch ``j`` is slot ``j`` (rank order); with shuffling the cells of a
-        lane's slots are permuted and cut into the lane's batches.
-        """
-        b, p, q = self.batch_size, self.lane_batches, READ_LANES
-        u, r = divmod(j, q * p)  # super-buffer, slot within it
-        first = u * q * p * b  # rank-order index of the super-buffer's first cell
+        def make():
+            n, b, lanes = self.n_cells, self.batch_size, READ_LANES
+            q_lo = u * self.superbuffer_cells
+            q = np.arange(q_lo, min(n, q_lo + self.superbuffer_cells), dtype=np.int64)
+            chunks, starts = self._chunk_plan(epoch)
+            k = np.searchsorted(starts, q, side="right") - 1
+            seq = chunks[k] * self.chunk_size + (q - starts[k])  # chunk order
+            lane_n = (np.arange(len(q)) // b) % lanes
+            out = np.empty_like(seq)
+            for lane in range(lanes):
+                idx = np.flatnonzero(lane_n == lane)
+                rng = np.random.default_rng([self.seed % (1 << 63), epoch, u, lane, 0x1A2E])
+                out[idx] = seq[idx[rng.permutation(len(idx))]]
+            return out
+
+        return self._cached(("superbuffer", epoch, u), make)
+
+    def epoch_positions(self, epoch: int, lo: int, hi: int) -> np.ndarray:
         if not self.shuffle:
-            return self._rank_positions(epoch, rank, world, first + r * b + np.arange(b))
-        n_u = min(q * p, n_batches - u * q * p)  # batches in this super-buffer
-        lane, i = r % q, r // q
-        slots = np.arange(lane, n_u, q)
-        cells = (first + slots[:, None] * b + np.arange(b)[None, :]).reshape(-1)  # the lane's cells
-        rng = np.random.default_rng([self.seed % (1 << 63), epoch, rank, u, lane, 0x1A2E])
-        return self._rank_positions(epoch, rank, world, cells[rng.permutation(len(cells))[i * b : (i + 1) * b]])
+            return np.arange(lo, hi, dtype=np.int64)
+        size, parts = self.superbuffer_cells, []
+        while lo < hi:
+            u = lo // size
+            take = min(hi, (u + 1) * size)
+            parts.append(self._superbuffer(epoch, u)[lo - u * size : take - u * size])
+            lo = take
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def rank_joinids(self, epoch: int, rank: int, world: int) -> np.ndarray:
-        """All ``soma_joinid``s one rank sees in one epoch, in batch order (for tests and inspection)."""
-        n_batches = self._cells_per_rank(world) // self.batch_size
-        pos = [self._batch_positions(epoch, j, rank, world, n_batches) for j in range(n_batches)]
-        return self.joinids_n[np.concatenate(pos)] if pos else np.zeros(0, dtype=np.int64)
+    def epoch_joinids(self, epoch: int) -> np.ndarray:
+        """All ``soma_joinid``s of one epoch, in order (for tests and inspection)."""
+        return self.joinids_n[self.epoch_positions(epoch, 0, self.n_cells)]
 
     # -----------------------------------------------------------------------------------------
     # reading
@@ -468,19 +487,19 @@ class SomaTokenDataset(_SomaExperiment, ShardedSource, IterableDataset):
         """CSR block (cells x var joinids) whose row ``i`` is the cell at selection position ``pos_n[i]``.
 
         One X query over the sorted joinids; the COO result is compressed straight into the
-        requested row order (no per-batch row gathers afterwards).
+        requested row order (no per-batch row gathers afterwards) unless a cell is asked for twice.
         """
         import tiledbsoma
 
         ids_n = self.joinids_n[pos_n]
+        unique_ids, inverse = np.unique(ids_n, return_inverse=True)
         x = self._x()
         try:
-            tbl = x.read(coords=(np.sort(ids_n),)).tables().concat()
+            tbl = x.read(coords=(unique_ids,)).tables().concat()
         except tiledbsoma.SOMAError as e:
             raise ScldmError(
                 f"{self.where}: reading X layer {self.x_layer!r} failed ({type(e).__name__}: {e})"
             ) from None
-        n = len(ids_n)
         d0 = tbl["soma_dim_0"].to_numpy()
         d1 = tbl["soma_dim_1"].to_numpy()
         data = tbl["soma_data"].to_numpy()
@@ -490,62 +509,59 @@ class SomaTokenDataset(_SomaExperiment, ShardedSource, IterableDataset):
                 f"{self.where}: X layer {self.x_layer!r} has var joinid {int(d1.max())} beyond var "
                 f"({self.n_var} rows); the experiment is inconsistent"
             )
-        rows = tiledbsoma.IntIndexer(ids_n.astype(np.int64)).get_indexer(d0)
-        del d0
-        # coo -> csr is a linear counting sort that keeps each row's columns in read (sorted) order
-        return scipy.sparse.coo_matrix((data, (rows, d1)), shape=(n, self.n_var)).tocsr()
+        if len(unique_ids) == len(ids_n):
+            rows = tiledbsoma.IntIndexer(ids_n.astype(np.int64)).get_indexer(d0)
+            # coo -> csr is a linear counting sort that keeps each row's columns in read (sorted) order
+            return scipy.sparse.coo_matrix((data, (rows, d1)), shape=(len(ids_n), self.n_var)).tocsr()
+        rows = np.searchsorted(unique_ids, d0)
+        block = scipy.sparse.coo_matrix((data, (rows, d1)), shape=(len(unique_ids), self.n_var)).tocsr()
+        return block[inverse]
 
-    def iter_batches(self, requests: Iterable[tuple[int, int]]) -> Iterator[dict]:
-        """Token batches of rank-local batches ``(epoch, j)``, in the order requested.
+    def _read_group_key(self, block: Block) -> tuple[int, int, int]:
+        kind, start = block.key
+        return kind, start // self.n_cells, (start % self.n_cells) // self.superbuffer_cells
 
-        Consecutive requests in the same super-buffer are read with one X query; the next
-        group is read in a background thread while the current one is tokenized.
-        """
+    def read_blocks(self, blocks: Iterable[Block], compact: bool) -> Iterator[dict]:
+        """Token batches of ``blocks``, in order. Consecutive blocks that start in the same
+        super-buffer are read with one X query; the next group is read in a background thread
+        while the current one is tokenized."""
         from concurrent.futures import ThreadPoolExecutor
 
-        rank, world = self._refresh_rank_world()
-        n_batches = self.batches_per_epoch
-        span = READ_LANES * self.lane_batches
-        b = self.batch_size
+        def read(group: list[Block]):
+            return group, self._read_rows(np.concatenate([blk.positions for blk in group]))
 
-        def plans() -> Iterator[tuple[int, list[int], np.ndarray]]:
-            for (epoch, _), group in itertools.groupby(requests, key=lambda req: (req[0], req[1] // span)):
-                js = [j for _, j in group]
-                for j in js:
-                    if not 0 <= j < n_batches:
-                        raise IndexError(f"batch {j} out of range [0, {n_batches})")
-                pos_n = np.concatenate([self._batch_positions(epoch, j, rank, world, n_batches) for j in js])
-                yield epoch, js, pos_n
-
-        def read(plan):
-            return plan, self._read_rows(plan[2])
-
+        groups = (list(g) for _, g in itertools.groupby(blocks, key=self._read_group_key))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read") as pool:
             pending = None
-            for plan in itertools.chain(plans(), [None]):
-                nxt = pool.submit(read, plan) if plan is not None else None
+            for group in itertools.chain(groups, [None]):
+                nxt = pool.submit(read, group) if group is not None else None
                 if pending is not None:
-                    (epoch, js, pos_n), block = pending.result()
-                    for k, j in enumerate(js):
-                        pos = pos_n[k * b : (k + 1) * b]
+                    done, x = pending.result()
+                    lo = 0
+                    for blk in done:
+                        hi = lo + len(blk.positions)
                         yield tokenize_counts(
-                            block[k * b : (k + 1) * b],
+                            x[lo:hi],
                             self.var_to_vocab_g,
-                            self.label_codes_na[pos],
+                            self.label_codes_na[blk.positions],
                             self.cfg.max_genes,
-                            batch_rng(self.seed, epoch, j * world + rank),
-                            cell_index_n=self.joinids_n[pos],
+                            block_rng(self.seed, blk.key),
+                            cell_index_n=self.joinids_n[blk.positions],
                             where=f"{self.where} (X layer {self.x_layer!r})",
-                            pad=not self.compact_batches,
+                            pad=not compact,
                         )
-                    del block
+                        lo = hi
+                    del x
                 pending = nxt
 
-    def __iter__(self) -> Iterator[dict]:
-        self._refresh_rank_world()
-        epoch = self.epoch
-        ids = self.my_batch_ids(self.batches_per_epoch)
-        yield from self.counted(self.iter_batches((epoch, j) for j in ids))
+    def inference_batches(self, rank: int, world: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        lo, hi = inference_range(self.n_cells, rank, world)
+        blocks = (Block((INFERENCE_KEY, a), np.arange(a, b, dtype=np.int64)) for a, b in batch_ranges(lo, hi, batch_size))
+        return self.read_blocks(blocks, compact=False)
+
+    def library_size_stats(self, max_cells: int = 4096) -> tuple[float, float]:
+        """Over the first ``max_cells`` selected cells (by ``soma_joinid``)."""
+        return log_library_stats(experiment_library_sizes(self.cfg, max_cells))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +574,8 @@ def experiment_vocab_and_labels(
     """The gene vocabulary and label tables of a SOMA experiment (e.g. the Census), read from it.
 
     Vocabulary: the gene ids of ``data.measurement``'s var (column ``data.var_id_column``, found
-    when empty) in ``soma_joinid`` order. Label tables: per ``data.label_columns`` entry, the sorted
+    when empty) in ``soma_joinid`` order, with the symbols of the first of :data:`SYMBOL_COLUMNS`
+    var has (the Census: ``feature_name``). Label tables: per ``data.label_columns`` entry, the sorted
     distinct values over the cells ``data.value_filter`` selects (plus ``unknown``). Only obs label
     columns are read, streamed; the read runs in a short-lived forked child like the dataset setup.
     """
@@ -575,8 +592,16 @@ def _read_tables(ref: _SomaExperiment, var_id_column: str, want_vocab: bool, wan
         vocab = labels = None
         if want_vocab:
             joinids, gene_ids, column = ref._var_ids(ms, var_id_column)
+            order = np.argsort(joinids, kind="stable")
+            var_names = [f.name for f in ms.var.schema]
+            symbol_column = next((c for c in SYMBOL_COLUMNS if c in var_names and c != column), "")
+            symbols = None
+            if symbol_column:
+                tbl = ms.var.read(column_names=["soma_joinid", symbol_column]).concat()
+                by_joinid = dict(zip(tbl["soma_joinid"].to_numpy().tolist(), tbl[symbol_column].to_pylist()))
+                symbols = [by_joinid.get(int(j)) for j in joinids[order]]
             try:
-                vocab = GeneVocab.from_var(gene_ids[np.argsort(joinids, kind="stable")])
+                vocab = GeneVocab.from_var(gene_ids[order], symbols=symbols)
             except ScldmError as e:
                 raise ScldmError(f"{ref.where}: var column {column!r}: {e}; or set data.vocab_path") from None
         if want_labels:

@@ -18,32 +18,35 @@ HELDOUT_NAME = "heldout.h5ad"
 _SAMPLE_ROWS = 128  # rows read from the head and the tail of each shard by check_h5ad_shards
 
 
-def check_counts(x, where: str) -> None:
-    """Raise :class:`ScldmError` unless ``x`` (sparse or dense block) holds finite non-negative integers."""
+def check_counts(x, where: str, field: str = "X", fix: str = "") -> None:
+    """Raise :class:`ScldmError` unless ``x`` (sparse or dense block) holds finite non-negative integers.
+
+    ``field`` names the matrix in the message (``X``, ``.raw.X``, ``layers['counts']``) and ``fix``
+    replaces the default advice (store raw integer counts in it).
+    """
     data = x.data if scipy.sparse.issparse(x) else np.asarray(x)
     data = np.asarray(data)
     if data.size == 0:
         return
+    fix = fix or f"store raw integer counts in {field}"
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
-        raise ScldmError(f"{where}: X has non-numeric dtype {data.dtype}; store raw integer counts in X")
+        raise ScldmError(f"{where}: {field} has non-numeric dtype {data.dtype}; {fix}")
     if np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_:
         if np.issubdtype(data.dtype, np.signedinteger) and (data < 0).any():
-            raise ScldmError(f"{where}: X has negative values (min {data.min()}); store raw non-negative counts in X")
+            raise ScldmError(f"{where}: {field} has negative values (min {data.min()}); {fix} (non-negative)")
         return
     if not np.isfinite(data).all():
-        raise ScldmError(f"{where}: X has NaN or infinite values; store raw integer counts in X (no NaN)")
+        raise ScldmError(f"{where}: {field} has NaN or infinite values; {fix} (no NaN)")
     if (data < 0).any():
         raise ScldmError(
-            f"{where}: X has negative values (min {data.min():g}); store raw non-negative counts in X, "
-            "not scaled or centered data"
+            f"{where}: {field} has negative values (min {data.min():g}); {fix}, not scaled or centered data"
         )
     frac = data != np.floor(data)
     if frac.any():
         raise ScldmError(
-            f"{where}: X has non-integer values (e.g. {data[frac][0]:g}); store raw integer counts in X "
+            f"{where}: {field} has non-integer values (e.g. {data[frac][0]:g}); {fix} "
             "(not normalized/log1p data; raw counts are often in layers['counts'] or .raw)"
         )
-
 
 
 def resolve_shards(path: str) -> list[str]:

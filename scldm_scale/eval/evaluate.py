@@ -31,7 +31,7 @@ from scldm_scale.eval import metrics as M
 from scldm_scale.eval.report import atomic_write_bytes, write_report
 from scldm_scale.eval.representation import (
     Representation,
-    _common_genes,
+    common_genes,
     align_genes,
     fit_representation,
 )
@@ -44,7 +44,7 @@ DEFAULT_TABLE_KEYS = ("w2", "mmd", "fd", "nn1", "knn_acc/cell_type")
 
 # ----------------------------------------------------------------------------- helpers
 
-def _counts(adata, name: str):
+def raw_counts(adata, name: str):
     x = adata.X
     if x is None:
         raise ScldmError(f"evaluate: the {name} AnnData has no X; store raw counts in X")
@@ -108,7 +108,7 @@ class _RefState:
 def _evaluate_one(ref: _RefState, generated, label_keys, seed, max_cells, per_condition,
                   report_path, embedding) -> dict:
     rep = ref.rep
-    y_ng = _counts(generated, "generated")
+    y_ng = raw_counts(generated, "generated")
     y_np = rep.transform(y_ng)
     x_np = ref.x_np
     res: dict = {}
@@ -149,8 +149,8 @@ def _evaluate_one(ref: _RefState, generated, label_keys, seed, max_cells, per_co
 
     if report_path:
         rng = np.random.default_rng(seed)
-        ir = M._subsample_idx(len(x_np), max_cells, rng)
-        ig = M._subsample_idx(len(y_np), max_cells, rng)
+        ir = M.subsample_idx(len(x_np), max_cells, rng)
+        ig = M.subsample_idx(len(y_np), max_cells, rng)
         lr = lab_ref[labels[0]][ir] if labels else None
         lg = lab_gen[labels[0]][ig] if labels else None
         gene_stats = {"mean_real_g": ref.mean_g, "mean_gen_g": mean_gen_g,
@@ -175,7 +175,7 @@ def evaluate(reference, generated, label_keys: list[str], out_json: str | None =
     (:func:`write_report`, ``embedding`` = "auto" | "pca" | "umap").
     """
     reference, generated = align_genes(reference, generated, min_overlap=min_overlap)
-    x_ref_ng = _counts(reference, "reference")
+    x_ref_ng = raw_counts(reference, "reference")
     rep = fit_representation(x_ref_ng, n_hvg=n_hvg, n_pcs=n_pcs, seed=seed,
                              var_names_g=list(reference.var_names))
     ref = _RefState(reference, rep, x_ref_ng)
@@ -205,13 +205,13 @@ def compare(reference, candidates: dict, label_keys: list[str], out_json: str | 
     keep = reference.var_names
     for name, cand in candidates.items():
         try:
-            common = _common_genes(reference.var_names, cand.var_names, min_overlap, stacklevel=3)
+            common = common_genes(reference.var_names, cand.var_names, min_overlap, stacklevel=3)
         except ScldmError as e:
             raise ScldmError(f"compare: candidate {name!r}: {e}") from None
         if common is not None:
             keep = keep[keep.isin(common)]
     ref_a = reference if len(keep) == reference.n_vars else reference[:, keep].copy()
-    x_ref_ng = _counts(ref_a, "reference")
+    x_ref_ng = raw_counts(ref_a, "reference")
     rep = fit_representation(x_ref_ng, n_hvg=n_hvg, n_pcs=n_pcs, seed=seed,
                              var_names_g=list(ref_a.var_names))
     ref = _RefState(ref_a, rep, x_ref_ng)

@@ -21,7 +21,7 @@ from scipy.spatial.distance import cdist, pdist, squareform
 from scipy.special import gammaln
 
 from scldm_scale.errors import ScldmError
-from scldm_scale.eval.representation import _moments, log_normalize
+from scldm_scale.eval.representation import column_moments, log_normalize
 
 __all__ = [
     "subsample",
@@ -58,7 +58,7 @@ def _check_pair(x, y):
     return x, y
 
 
-def _subsample_idx(n: int, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
+def subsample_idx(n: int, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
     if max_cells is None or n <= max_cells:
         return np.arange(n)
     return np.sort(rng.choice(n, size=int(max_cells), replace=False))
@@ -67,13 +67,13 @@ def _subsample_idx(n: int, max_cells: int | None, rng: np.random.Generator) -> n
 def subsample(x_np, max_cells: int | None, seed: int = 0) -> np.ndarray:
     """Rows of ``x_np`` subsampled to at most ``max_cells`` (seeded, order kept)."""
     rng = np.random.default_rng(seed)
-    return np.asarray(x_np)[_subsample_idx(len(x_np), max_cells, rng)]
+    return np.asarray(x_np)[subsample_idx(len(x_np), max_cells, rng)]
 
 
 def _subsample_pair(x, y, max_cells, seed):
     rng = np.random.default_rng(seed)
-    ix = _subsample_idx(len(x), max_cells, rng)
-    iy = _subsample_idx(len(y), max_cells, rng)
+    ix = subsample_idx(len(x), max_cells, rng)
+    iy = subsample_idx(len(y), max_cells, rng)
     return x[ix], y[iy]
 
 
@@ -230,8 +230,8 @@ def knn_label_accuracy(x_real, labels_real, y_gen, labels_gen, k: int = 15,
         raise ScldmError("knn_label_accuracy: labels must have one entry per cell "
                          f"(real {len(lx)} vs {len(x)}, generated {len(ly)} vs {len(y)})")
     rng = np.random.default_rng(seed)
-    ix = _subsample_idx(len(x), max_cells, rng)
-    iy = _subsample_idx(len(y), max_cells, rng)
+    ix = subsample_idx(len(x), max_cells, rng)
+    iy = subsample_idx(len(y), max_cells, rng)
     clf = KNeighborsClassifier(n_neighbors=min(int(k), len(ix)))
     clf.fit(x[ix], lx[ix])
     return float(np.mean(clf.predict(y[iy]) == ly[iy]))
@@ -241,7 +241,7 @@ def knn_label_accuracy(x_real, labels_real, y_gen, labels_gen, k: int = 15,
 
 def gene_moments(x_ng, target_sum: float = 1e4) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and variance (ddof=0) of normalize-total + log1p expression."""
-    return _moments(log_normalize(x_ng, target_sum))
+    return column_moments(log_normalize(x_ng, target_sum))
 
 
 def _r2(true_g: np.ndarray, pred_g: np.ndarray) -> float:

@@ -6,12 +6,12 @@ set that is compared with them):
 1. **Normalize total**: each cell's raw counts are divided by the cell's total count over
    *all* genes and multiplied by ``target_sum`` (1e4). A cell with total 0 stays all zero.
 2. **log1p**: ``log(1 + x)`` of the normalized values.
-3. **Highly variable genes (HVGs)**, chosen on the reference: for every gene the
-   Seurat-like dispersion ``var_g / mean_g`` of the log-normalized reference data
-   (population variance, ddof=0) is computed; genes with mean 0 get dispersion ``-inf``.
-   The ``n_hvg`` (2000) genes with the highest dispersion are kept (ties broken by gene
-   order; a stable sort). If the data have ``<= n_hvg`` genes, all genes are kept. The
-   kept genes are stored in their original order.
+3. **Highly variable genes (HVGs)**, chosen on the reference's raw counts with scanpy's
+   ``seurat_v3`` flavor (:func:`highly_variable_genes`: variance of the counts standardized
+   by a loess fit of variance on mean, clipped; the ``n_hvg`` (2000) genes with the highest
+   standardized variance). If the data have ``<= n_hvg`` genes, all genes are kept. The
+   kept genes are stored in their original order. The same function selects the genes of
+   the generation benchmark and of the in-training sample check.
 4. **Center only** (no scaling to unit variance): the per-HVG mean of the log-normalized
    reference is subtracted.
 5. **PCA** with ``n_pcs`` (30) components: ``sklearn.decomposition.PCA(n_components=n_pcs,
@@ -39,7 +39,7 @@ import scipy.sparse as sp
 
 from scldm_scale.errors import ScldmError
 
-__all__ = ["Representation", "fit_representation", "align_genes", "log_normalize"]
+__all__ = ["Representation", "fit_representation", "align_genes", "highly_variable_genes", "log_normalize"]
 
 _CHUNK_CELLS = 8192
 
@@ -66,7 +66,7 @@ def log_normalize(x_ng, target_sum: float = 1e4):
     return np.log1p(x * scale_n[:, None])
 
 
-def _moments(x_ng) -> tuple[np.ndarray, np.ndarray]:
+def column_moments(x_ng) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and population variance (ddof=0) of a dense or sparse matrix."""
     if sp.issparse(x_ng):
         mean_g = np.asarray(x_ng.mean(axis=0)).ravel()
@@ -121,6 +121,28 @@ class Representation:
         return out_np
 
 
+def highly_variable_genes(x_ng, n_top: int) -> np.ndarray:
+    """Indices (ascending) of the ``n_top`` highly variable genes of raw counts ``x_ng`` (cells x genes,
+    dense or sparse): scanpy's ``seurat_v3`` flavor on the counts. All genes when there are at most
+    ``n_top``; genes that are zero in every cell are never chosen."""
+    import anndata as ad
+    import scanpy as sc
+
+    g = x_ng.shape[1]
+    if g <= n_top:
+        return np.arange(g)
+    counts = sp.csr_matrix(x_ng, dtype=np.float32) if sp.issparse(x_ng) else np.asarray(x_ng, dtype=np.float32)
+    expressed_g = np.asarray((counts != 0).sum(axis=0)).ravel() > 0
+    if int(expressed_g.sum()) <= n_top:
+        return np.flatnonzero(expressed_g)
+    adata = ad.AnnData(counts[:, expressed_g] if not sp.issparse(counts) else counts[:, np.flatnonzero(expressed_g)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, inplace=False)
+    chosen = np.flatnonzero(expressed_g)[np.asarray(table["highly_variable"], dtype=bool)]
+    return np.sort(chosen).astype(np.int64)
+
+
 def fit_representation(x_ref_ng, n_hvg: int = 2000, n_pcs: int = 30, seed: int = 0,
                        target_sum: float = 1e4,
                        var_names_g: list[str] | None = None) -> Representation:
@@ -135,15 +157,7 @@ def fit_representation(x_ref_ng, n_hvg: int = 2000, n_pcs: int = 30, seed: int =
     if n_hvg < 1 or n_pcs < 1:
         raise ScldmError(f"fit_representation: n_hvg ({n_hvg}) and n_pcs ({n_pcs}) must be >= 1")
     xl_ng = log_normalize(x_ref_ng, target_sum)
-    if g <= n_hvg:
-        hvg_idx_h = np.arange(g)
-    else:
-        mean_g, var_g = _moments(xl_ng)
-        disp_g = np.full(g, -np.inf)
-        pos = mean_g > 0
-        disp_g[pos] = var_g[pos] / mean_g[pos]
-        order = np.argsort(-disp_g, kind="stable")
-        hvg_idx_h = np.sort(order[:n_hvg])
+    hvg_idx_h = highly_variable_genes(x_ref_ng, n_hvg)
     xh = _dense(xl_ng[:, hvg_idx_h]).astype(np.float64)
     mean_h = xh.mean(axis=0)
     xh -= mean_h
@@ -174,14 +188,14 @@ def align_genes(ref, gen, min_overlap: float = 0.5):
     Fewer than ``min_overlap`` x (reference genes) shared -> :class:`ScldmError`.
     Returns ``(ref, gen)`` (copies when subsetting was needed).
     """
-    common = _common_genes(ref.var_names, gen.var_names, min_overlap, stacklevel=3)
+    common = common_genes(ref.var_names, gen.var_names, min_overlap, stacklevel=3)
     if common is None:
         return ref, gen
     ref_out = ref if len(common) == ref.n_vars else ref[:, common].copy()
     return ref_out, gen[:, common].copy()
 
 
-def _common_genes(ref_names, gen_names, min_overlap: float = 0.5, stacklevel: int = 2):
+def common_genes(ref_names, gen_names, min_overlap: float = 0.5, stacklevel: int = 2):
     """Shared gene ids in reference order, or ``None`` when both lists are identical.
 
     Warns when the sets differ; raises :class:`ScldmError` below ``min_overlap``.

@@ -37,14 +37,14 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from scldm_scale.config import Stage, derive_sizes, load_config
+from scldm_scale.config import Stage, derive_sizes, load_config, resolve_recipe
 from scldm_scale.errors import ScldmError
 
 GRID_KEYS = ("name", "description", "recipes", "fixed", "axes", "seeds", "synthetic", "eval", "ldm")
 LDM_KEYS = ("recipes", "fixed", "axes")
 SYNTHETIC_KEYS = ("cells", "genes", "shards", "cell_types", "heldout_fraction", "seed")
 # Keys that do not change what a run computes: left out of its identity (config hash).
-VOLATILE_KEYS = ("run.name", "run.output_dir", "run.resume", "train.stop_at_step", "train.log_every",
+VOLATILE_KEYS = ("run.name", "run.output_dir", "run.resume", "run.overwrite", "train.stop_at_step", "train.log_every",
                  "train.ckpt_every", "train.keep_last", "data.num_workers", "logging", "plan")
 
 
@@ -154,10 +154,12 @@ def _stage(raw: dict, base: Path, where: str, need_axes: bool) -> StageSpec:
 
 
 def load_grid(path: str | Path) -> Grid:
-    """Read and validate a grid YAML (see the module docstring)."""
+    """Read and validate a grid YAML (see the module docstring); ``scaling/NAME`` is a shipped grid."""
     path = Path(path)
     if not path.is_file():
-        raise ScldmError(f"{path}: grid not found; pass a grid YAML such as recipes/scaling/width.yaml")
+        if not str(path).removeprefix("recipes/").startswith("scaling/"):
+            raise ScldmError(f"{path}: grid not found; pass a grid YAML such as recipes/scaling/width.yaml")
+        path = resolve_recipe(path)  # a shipped grid by name, e.g. scaling/width
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:  # yaml syntax

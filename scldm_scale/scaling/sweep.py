@@ -34,8 +34,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from scldm_scale.config import Stage, global_batch, load_config
-from scldm_scale.data.vocab import write_json_atomic
 from scldm_scale.errors import ScldmError
+from scldm_scale.io import write_json_atomic, write_text_atomic
 from scldm_scale.scaling.grid import VOLATILE_KEYS, Grid, RunSpec, config_hash, expand, load_grid, resolve
 from scldm_scale.scaling.loading import export_parameter_counts, has_export
 
@@ -176,9 +176,7 @@ def write_plan(sweep: PlannedSweep, world_size: int) -> None:
         recipe = run.run_dir / RUN_RECIPE
         text = OmegaConf.to_yaml(run.cfg, resolve=True)
         if not recipe.is_file() or recipe.read_text() != text:
-            tmp = recipe.with_name(f".{recipe.name}.tmp-{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, recipe)
+            write_text_atomic(recipe, text)
         write_json_atomic(run.run_dir / IDENTITY_FILE, _identity(sweep, run))
     grid = sweep.grid
     write_json_atomic(sweep.dir / SWEEP_FILE, {

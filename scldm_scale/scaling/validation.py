@@ -21,7 +21,6 @@ import torch
 
 from scldm_scale.errors import ScldmError
 from scldm_scale.scaling.grid import EvalSpec
-from scldm_scale.scaling.loading import conditions_like, generate_cells, load_ldm, load_vae
 
 
 def heldout_path(explicit: str, data_path: str) -> Path:
@@ -57,25 +56,18 @@ def read_cells(path: str | os.PathLike, max_cells: int, seed: int):
     return out
 
 
-def _blocks(adata, gene_ids: list[str], max_genes: int, batch_size: int, seed: int):
-    """(encoder token batch, dense counts over the vocabulary ``target_ng``) per batch of cells."""
-    import pandas as pd
-    import scipy.sparse as sp
+def _blocks(adata, vocab, max_genes: int, batch_size: int, seed: int):
+    """(encoder token batch, counts over the vocabulary ``target_ng``) per batch of held-out cells."""
+    from scldm_scale.api.cells import counts_matrix, match_genes, token_batches
 
-    from scldm_scale.data.tokenize import tokenize_counts
-
-    var_to_vocab = pd.Index(gene_ids).get_indexer(adata.var_names)
-    if (var_to_vocab >= 0).sum() == 0:
-        raise ScldmError("held-out cells share no gene with the model's vocabulary; use cells of the training data")
-    x = sp.csr_matrix(adata.X)
-    rng = np.random.default_rng(seed)
-    no_labels = np.zeros((adata.n_obs, 0), dtype=np.int64)
-    n_genes = len(gene_ids)
-    for lo in range(0, adata.n_obs, batch_size):
-        block = x[lo:lo + batch_size]
-        batch = tokenize_counts(block, var_to_vocab, no_labels[lo:lo + batch_size], max_genes, rng)
-        full = tokenize_counts(block, var_to_vocab, no_labels[lo:lo + batch_size], n_genes, rng)
-        target_ng = torch.zeros(block.shape[0], n_genes)
+    match = match_genes(adata.var, vocab)
+    x_ng = counts_matrix(adata, None, "held-out cells")
+    no_labels_na = np.zeros((adata.n_obs, 0), dtype=np.int64)
+    n_genes = len(vocab.gene_ids)
+    capped = token_batches(x_ng, match, no_labels_na, max_genes, seed, batch_size)
+    every = token_batches(x_ng, match, no_labels_na, n_genes, seed, batch_size)  # no subsampling: the targets
+    for (_, _, batch), (_, _, full) in zip(capped, every):
+        target_ng = torch.zeros(full["mask_ns"].shape[0], n_genes)
         target_ng.scatter_add_(1, full["gene_ids_ns"], full["counts_ns"] * full["mask_ns"])  # padding adds 0
         yield batch, target_ng
 
@@ -83,23 +75,25 @@ def _blocks(adata, gene_ids: list[str], max_genes: int, batch_size: int, seed: i
 @torch.no_grad()
 def vae_metrics(vae_run: str | os.PathLike, heldout: str | os.PathLike, spec: EvalSpec, seed: int = 0) -> dict:
     """``val_nll_per_cell``, ``val_nll_per_cell_predicted_library``, ``val_library_mse``, ``val_cells``."""
+    from scldm_scale.api import load_vae
+
     trained = load_vae(vae_run)
     adata = read_cells(heldout, spec.heldout_cells, seed)
-    return vae_nll(trained.model, trained.gene_ids, int(trained.cfg.data.max_genes), adata, spec.batch_size, seed)
+    return vae_nll(trained.model, trained.vocab, trained.cfg.data.max_genes, adata, spec.batch_size, seed)
 
 
 @torch.no_grad()
-def vae_nll(model: torch.nn.Module, gene_ids: list[str], max_genes: int, adata, batch_size: int = 256,
-            seed: int = 0) -> dict:
-    """Held-out metrics of an ScVAE (eval mode) on the cells of ``adata`` (raw counts, var = gene ids)."""
+def vae_nll(model: torch.nn.Module, vocab, max_genes: int, adata, batch_size: int = 256, seed: int = 0) -> dict:
+    """Held-out metrics of an ScVAE (eval mode) on the cells of ``adata`` (raw counts)."""
+    from scldm_scale.api.model import encode_token_batch
     from scldm_scale.nn.likelihood import nb_log_prob
 
-    genes_g = torch.arange(len(gene_ids))
+    genes_g = torch.arange(len(vocab.gene_ids))
     theta_g = model.dispersion(genes_g).float()  # (g,)
     nll, nll_pred, lib_se, n_cells = 0.0, 0.0, 0.0, 0
-    for batch, target_ng in _blocks(adata, gene_ids, max_genes, batch_size, seed):
+    for batch, target_ng in _blocks(adata, vocab, int(max_genes), batch_size, seed):
         n = target_ng.shape[0]
-        z_nmz = model.encode(batch["gene_ids_ns"], batch["counts_ns"], batch["mask_ns"])["z_nmz"]
+        z_nmz = encode_token_batch(model, batch)  # (n, m, z) posterior means
         dec = model.decode(z_nmz, genes_g.expand(n, -1))
         p_ng = torch.softmax(dec["logits_nt"].float(), dim=-1)  # (n, g)
         library_n = batch["library_size_n"].float()  # (n,)
@@ -127,46 +121,38 @@ def _label_codes(obs, labels) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ldm_metrics(ldm_run: str | os.PathLike, heldout: str | os.PathLike, spec: EvalSpec, seed: int = 0,
-                work_dir: str | os.PathLike | None = None) -> dict:
+def ldm_metrics(ldm_run: str | os.PathLike, heldout: str | os.PathLike, spec: EvalSpec, seed: int = 0) -> dict:
     """``val_flow_loss`` and the sample metrics ``sample_mmd``, ``sample_w2``, ``sample_fd``."""
-    import anndata as ad
-
+    from scldm_scale.api import ScLDM, load_dit, load_vae
+    from scldm_scale.api.model import encode_token_batch
     from scldm_scale.eval.evaluate import evaluate
     from scldm_scale.flow.interpolant import TimeSampling
     from scldm_scale.flow.loss import flow_matching_loss
 
-    trained = load_ldm(ldm_run)
-    vae = load_vae(trained.vae_run)
+    dit = load_dit(ldm_run)
+    vae = load_vae(dit.vae_run)
     adata = read_cells(heldout, spec.heldout_cells, seed)
-    labels_na = _label_codes(adata.obs, trained.labels)
+    labels_na = _label_codes(adata.obs, dit.labels)
     generator = torch.Generator().manual_seed(seed)
-    total, n_cells, lo = 0.0, 0, 0
-    for batch, _ in _blocks(adata, vae.gene_ids, int(vae.cfg.data.max_genes), spec.batch_size, seed):
-        z_nmz = vae.model.encode(batch["gene_ids_ns"], batch["counts_ns"], batch["mask_ns"])["z_nmz"]
-        x1_nmz = (z_nmz - trained.mean_mz) / trained.std_mz  # (n, m, z) standardized, as in training
+    total, n_cells = 0.0, 0
+    for batch, _ in _blocks(adata, vae.vocab, vae.cfg.data.max_genes, spec.batch_size, seed):
+        x1_nmz = (encode_token_batch(vae.model, batch) - dit.mean_mz) / dit.std_mz  # (n, m, z) standardized
         n = x1_nmz.shape[0]
-        lab_na = labels_na[lo:lo + n]
+        lab_na = labels_na[n_cells:n_cells + n]
         for _ in range(spec.flow_draws):
-            out = flow_matching_loss(lambda x, t: trained.model(x, t, lab_na), x1_nmz, generator,
-                                     TimeSampling.UNIFORM)
+            out = flow_matching_loss(lambda x, t: dit.model(x, t, lab_na), x1_nmz, generator, TimeSampling.UNIFORM)
             total += float(out["loss_per_cell_n"].sum())
         n_cells += n
-        lo += n
-    metrics = {"val_flow_loss": total / (n_cells * spec.flow_draws)}
+    metrics = {"val_flow_loss": total / (n_cells * spec.flow_draws), "val_cells": n_cells}
 
-    attributes = [a for a in trained.labels.attributes if a in adata.obs.columns]
-    work = Path(work_dir or ldm_run)
-    ref_path = work / ".heldout_reference.h5ad"
-    adata.write_h5ad(ref_path)  # the subsample: its label composition drives the generated cells
-    try:
-        conditions = conditions_like(ref_path, attributes, spec.sample_cells, seed) if attributes \
-            else [({}, spec.sample_cells)]
-        gen_path = generate_cells(ldm_run, conditions, work / "heldout_samples.h5ad", seed, spec.sample_steps)
-    finally:
-        ref_path.unlink(missing_ok=True)
-    res = evaluate(adata, ad.read_h5ad(gen_path), label_keys=attributes, seed=seed, per_condition=False,
+    attributes = [a for a in dit.labels.attributes if a in adata.obs.columns]
+    model = ScLDM(vae, dit)
+    generated = model.generate(obs=adata.obs[attributes] if attributes else None,
+                               conditions=None if attributes else [({}, spec.sample_cells)],
+                               n_cells=spec.sample_cells if attributes else None,
+                               steps=spec.sample_steps or None, seed=seed)
+    res = evaluate(adata, generated, label_keys=attributes, seed=seed, per_condition=False,
                    max_cells=spec.heldout_cells)
     metrics.update({"sample_mmd": float(res["mmd"]), "sample_w2": float(res["w2"]), "sample_fd": float(res["fd"]),
-                    "val_cells": n_cells, "sample_cells": int(res["n_gen"])})
+                    "sample_cells": int(res["n_gen"])})
     return metrics

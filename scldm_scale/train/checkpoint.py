@@ -145,6 +145,16 @@ def load_checkpoint(engine, root: str | os.PathLike, universal: bool = False) ->
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def client_states(root: str | os.PathLike) -> list[Path]:
+    """The client-state files of the latest complete checkpoint, one per saved rank, in rank order."""
+    tag = latest_tag(root)
+    if tag is None:
+        return []
+    folder = Path(root) / tag
+    world = int(torch.load(folder / "client_rank0.pt", map_location="cpu", weights_only=True)["world_size"])
+    return [folder / f"client_rank{r}.pt" for r in range(world)]
+
+
 def _safe_globals() -> list:
     """The few DeepSpeed classes a checkpoint holds besides tensors and containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -192,24 +202,3 @@ def fp32_state_dict_from_checkpoint(root: str | os.PathLike, tag: str, zero_stag
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
-
-
-def export_run(run_dir: str | os.PathLike) -> Path:
-    """`scldm-scale export RUN`: the latest checkpoint of a run -> ``<run>/export`` (safetensors + config)."""
-    from scldm_scale.config import load_config
-    from scldm_scale.errors import ScldmError
-    from scldm_scale.train.export import write_export
-    from scldm_scale.train.stages import build_stage
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ScldmError(f"{run_dir}: not a run directory (no config.yaml)")
-    root = run_dir / "checkpoints"
-    tag = latest_tag(root)
-    if tag is None:
-        raise ScldmError(f"{root}: no complete checkpoint (missing 'latest'); train the run first")
-    cfg = load_config([run_dir / "config.yaml"])
-    stage = build_stage(cfg)
-    state = fp32_state_dict_from_checkpoint(root, tag, int(cfg.train.zero_stage))
-    client = torch.load(root / tag / "client_rank0.pt", map_location="cpu", weights_only=True)
-    return write_export(run_dir, cfg, state, client.get("ema"), artifacts=stage.export_artifacts())

@@ -5,27 +5,25 @@ This module and :mod:`scldm_scale.train.checkpoint` are the only ones that impor
 
 from __future__ import annotations
 
-import contextlib
-import json
+import importlib
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from scldm_scale.comm import DistInfo
 from scldm_scale.config import Precision
+from scldm_scale.errors import ScldmError
+from scldm_scale.io import write_json_atomic
+from scldm_scale.train.checkpoint import use_safe_loading
 from scldm_scale.train.schedules import build_schedule
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
+MAX_BUCKET = 500_000_000  # DeepSpeed's default bucket size (elements): the cap of the derived sizes
+MIN_BUCKET = 1 << 20
 
 
 def _free_port() -> int:
@@ -39,6 +37,8 @@ def init_distributed() -> DistInfo:
 
     The backend is NCCL on CUDA and gloo on CPU.
     """
+    if not torch.cuda.is_available():  # say so, instead of DeepSpeed warning on every rank that it guessed
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python -m scldm_scale.cli train ...`
@@ -61,25 +61,42 @@ def init_distributed() -> DistInfo:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start-up that only its
         # inference path uses; training never calls it. Skipping it saves the first-start compile and
         # cannot hang on the compile lock a killed process leaves behind.
-        import deepspeed.comm.torch as ds_torch_comm
-
-        ds_torch_comm.build_shm_op = lambda: None
+        # (the submodule itself: `import deepspeed.comm.torch as m` binds the torch package that
+        # deepspeed.comm re-exports under that name)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, verbose=False)  # joins, or adopts the group made above
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
-def deepspeed_config(cfg: Any, micro_batch_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for a recipe. ``train.deepspeed`` keys are merged last (raw pass-through)."""
+def bucket_sizes(n_params: int, zero_stage: int) -> dict[str, int]:
+    """Communication bucket sizes (elements) that follow the model size: a quarter of the parameters
+    (so a step's gradient reduction overlaps in about four buckets), at least 1M and at most
+    DeepSpeed's default of 5e8 (which, whatever the model, costs 1 GiB of device memory per rank in
+    bf16). ZeRO-3 also prefetches and keeps small parameters whole on the same scale."""
+    bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, n_params // 4)))
+    if zero_stage in (1, 2):
+        return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if zero_stage == 3:
+        return {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket,
+                "stage3_param_persistence_threshold": int(min(100_000, max(1, n_params // 1000)))}
+    return {}
+
+
+def deepspeed_config(cfg: Any, micro_batch_size: int, n_params: int = 0) -> dict[str, Any]:
+    """The DeepSpeed JSON for a recipe; ``n_params`` sizes the communication buckets
+    (:func:`bucket_sizes`). ``train.deepspeed`` keys are merged last (raw pass-through), so a recipe
+    that sets a bucket size keeps it."""
     train, optim = cfg.train, cfg.optim
     precision = Precision(train.precision)
-    zero: dict[str, Any] = {"stage": int(train.zero_stage)}
+    zero: dict[str, Any] = {"stage": int(train.zero_stage), **bucket_sizes(n_params, int(train.zero_stage))}
     if train.offload_optimizer:
+        if int(train.zero_stage) == 0:
+            raise ScldmError("train.offload_optimizer=true needs train.zero_stage >= 1; set zero_stage=2 or "
+                             "disable offload_optimizer")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train.offload_params:
         if int(train.zero_stage) != 3:
-            from scldm_scale.errors import ScldmError
-
             raise ScldmError("train.offload_params=true needs train.zero_stage=3; set zero_stage=3 or disable offload_params")
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if int(train.zero_stage) == 3:
@@ -104,8 +121,6 @@ def deepspeed_config(cfg: Any, micro_batch_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    from omegaconf import OmegaConf
-
     extra = train.deepspeed if isinstance(train.deepspeed, dict) else OmegaConf.to_container(train.deepspeed)
     return _deep_merge(ds, dict(extra))
 
@@ -143,12 +158,10 @@ def build_engine(model: nn.Module, cfg: Any, micro_batch_size: int, run_dir: Pat
     """Wrap ``model`` in a DeepSpeed engine with AdamW and the recipe's LR schedule."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, micro_batch_size)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ds_config = deepspeed_config(cfg, micro_batch_size, n_params)
     if run_dir is not None and torch.distributed.get_rank() == 0:
-        path = Path(run_dir) / "deepspeed.json"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(ds_config, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(Path(run_dir) / "deepspeed.json", ds_config, indent=2)
     schedule = build_schedule(cfg.optim, int(cfg.train.max_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -157,19 +170,8 @@ def build_engine(model: nn.Module, cfg: Any, micro_batch_size: int, run_dir: Pat
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
-    from scldm_scale.train.checkpoint import use_safe_loading
-
     use_safe_loading(engine)
     return engine
-
-
-def gather_params(zero_stage: int):
-    """Context-manager factory materializing partitioned (ZeRO-3) parameters; a no-op otherwise."""
-    if int(zero_stage) != 3:
-        return lambda params: contextlib.nullcontext()
-    import deepspeed
-
-    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def destroy_distributed() -> None:

@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from scldm_scale.config import Stage
+from scldm_scale.io import write_text_atomic
+from scldm_scale.progress import Progress
+
 
 class MetricsSink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
@@ -39,19 +43,31 @@ class JSONLSink:
         self._fh.close()
 
 
-class WandbSink:
-    """W&B run (offline by default). Any failure disables the sink instead of raising."""
+WANDB_ID_FILE = "wandb_run_id"
 
-    def __init__(self, project: str, name: str, group: str, mode: str, config: dict, run_dir: Path) -> None:
+
+class WandbSink:
+    """W&B run (offline by default). Any failure disables the sink instead of raising.
+
+    The run id is kept in ``<run dir>/wandb_run_id``: a resumed training run continues the same W&B
+    run instead of opening a new one.
+    """
+
+    def __init__(self, project: str, name: str, group: str, mode: str, config: dict, run_dir: Path,
+                 resume: bool = False) -> None:
         self._run = None
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         try:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self._run = wandb.init(
                 project=project, name=name, group=group or None, mode=mode, config=config,
-                dir=str(run_dir), reinit="finish_previous",
+                dir=str(run_dir), reinit="finish_previous", id=run_id, resume="allow" if run_id else None,
             )
+            if run_id is None:
+                write_text_atomic(id_file, self._run.id)
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
             self._disable(err)
 
@@ -82,30 +98,22 @@ class WandbSink:
 
 
 class ProgressSink:
-    """rich progress bar: step, loss, cells/s, ETA."""
+    """Training progress: a bar on a terminal, a plain line per log step otherwise (SLURM logs)."""
 
     def __init__(self, total_steps: int, start_step: int, description: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} cells/s"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            transient=False, refresh_per_second=2,
-        )
-        self._task = self._progress.add_task(description, total=total_steps, completed=start_step, loss="-", rate="-")
-        self._progress.start()
+        self._progress = Progress(total_steps, description, stream=sys.stdout, min_interval_s=0.0,
+                                  completed=start_step, fields=("loss", "cells/s"))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        fields = {}
-        if "loss" in metrics:
-            fields["loss"] = f"{metrics['loss']:.4f}"
+        if "loss" not in metrics:  # sample/* records: not a training step
+            return
+        fields = {"loss": f"{metrics['loss']:.4f}"}
         if "cells_per_s" in metrics:
-            fields["rate"] = f"{metrics['cells_per_s']:.0f}"
-        self._progress.update(self._task, completed=step, **fields)
+            fields["cells/s"] = f"{metrics['cells_per_s']:.0f}"
+        self._progress.update(step, **fields)
 
     def close(self) -> None:
-        self._progress.stop()
+        self._progress.close()
 
 
 class MetricsLogger:
@@ -123,7 +131,8 @@ class MetricsLogger:
             sink.close()
 
 
-def build_logger(cfg: Any, run_dir: Path, rank: int, total_steps: int, start_step: int, resolved: dict) -> MetricsLogger:
+def build_logger(cfg: Any, run_dir: Path, rank: int, total_steps: int, start_step: int, resolved: dict,
+                 resume: bool = False) -> MetricsLogger:
     if rank != 0:
         return MetricsLogger([])
     sinks: list[MetricsSink] = [JSONLSink(run_dir / "metrics.jsonl")]
@@ -131,10 +140,10 @@ def build_logger(cfg: Any, run_dir: Path, rank: int, total_steps: int, start_ste
         sinks.append(WandbSink(
             project=cfg.logging.wandb_project, name=cfg.run.name,
             group=cfg.logging.wandb_group or cfg.run.name.rsplit("-", 1)[0],
-            mode=cfg.logging.wandb_mode, config=resolved, run_dir=run_dir,
+            mode=cfg.logging.wandb_mode, config=resolved, run_dir=run_dir, resume=resume,
         ))
     if cfg.logging.progress:
-        sinks.append(ProgressSink(total_steps, start_step, f"{cfg.run.stage.value if hasattr(cfg.run.stage, 'value') else cfg.run.stage}"))
+        sinks.append(ProgressSink(total_steps, start_step, Stage(cfg.run.stage).value))
     return MetricsLogger(sinks)
 
 

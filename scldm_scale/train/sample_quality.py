@@ -2,16 +2,16 @@
 
 Every ``train.sample_every`` steps rank 0 generates ``train.sample_cells`` cells with the current
 weights (EMA when on) through the same path as ``scldm-scale generate``
-(:func:`~scldm_scale.tasks.generate.sample_counts`: guided sampler, VAE decoder, NB draws) and
+(:func:`~scldm_scale.api.sampling.sample_blocks`: guided sampler, VAE decoder, NB draws) and
 computes ``sample/mmd`` and ``sample/w2`` against held-out cells in the fixed representation of
 :mod:`scldm_scale.eval.representation`, exactly as ``scldm-scale evaluate`` does. The reference is
 read, capped at :data:`MAX_REFERENCE_CELLS` and embedded once at start-up; the generated cells
-follow its label composition (:func:`~scldm_scale.tasks.generate.conditions_matching`).
+follow its label composition (:func:`~scldm_scale.api.conditions.conditions_matching`).
 
-Sampling runs on a separate eval-mode copy of the DiT, so the training module (its mode, its
-ZeRO partitions) is never touched and no collective is involved; the noise and NB draws come from
-their own generators seeded with ``run.seed`` (the same cells' noise at every call, training RNG
-streams untouched).
+Sampling runs on a separate eval-mode copy of the DiT on the rank's device, so the training module
+(its mode, its ZeRO partitions) is never touched and no collective is involved; the noise and NB
+draws come from their own generators seeded with ``run.seed`` (the same cells' noise at every call,
+training RNG streams untouched).
 """
 
 from __future__ import annotations
@@ -21,12 +21,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from scldm_scale.api.conditions import condition_codes, conditions_matching
+from scldm_scale.api.run import load_vae
+from scldm_scale.api.sampling import Sampler, sample_blocks, stack_blocks
+from scldm_scale.config import to_object
 from scldm_scale.data.validate import HELDOUT_NAME
 from scldm_scale.errors import ScldmError
+from scldm_scale.eval.evaluate import raw_counts
+from scldm_scale.eval.metrics import mmd_rbf, wasserstein2
+from scldm_scale.eval.representation import common_genes, fit_representation
+from scldm_scale.nn.dit import DiT
 
 MAX_REFERENCE_CELLS = 2000  # held-out cells kept (seeded subsample); also the metrics' max_cells
+SAMPLE_BLOCK = 512  # cells per sampling block (as `generate`'s default batch size)
 
 
 def resolve_sample_reference(explicit: str, vae_data_path: str, sample_every: int) -> str:
@@ -54,18 +64,6 @@ class SampleQuality:
     """Rank-0 sample-quality check: ``__call__(weights)`` -> ``{"sample/mmd", "sample/w2", "sample/seconds"}``."""
 
     def __init__(self, stage, device: torch.device) -> None:
-        import pandas as pd
-
-        from scldm_scale.data.vocab import GeneVocab
-        from scldm_scale.eval.evaluate import _counts
-        from scldm_scale.eval.representation import _common_genes, fit_representation
-        from scldm_scale.flow.guidance import GuidanceMode, check_interval
-        from scldm_scale.flow.samplers import SamplerKind
-        from scldm_scale.nn.dit import DiT
-        from scldm_scale.tasks.encode import load_vae
-        from scldm_scale.tasks.generate import condition_codes, conditions_matching
-        from scldm_scale.train.export import export_path
-
         cfg = stage.cfg
         self.seed = int(cfg.run.seed)
         n_cells = int(cfg.train.sample_cells)
@@ -73,45 +71,38 @@ class SampleQuality:
             raise ScldmError(f"train.sample_cells={n_cells}: need at least 2 cells to compare distributions")
         path = str(cfg.ldm.sample_reference)
         reference = _read_reference(path, MAX_REFERENCE_CELLS, self.seed)
-        gene_ids = pd.Index(GeneVocab.load(export_path(cfg.ldm.vae_run) / "vocab.json").gene_ids)
+        vae = load_vae(cfg.ldm.vae_run, device)
+        gene_ids = pd.Index(vae.vocab.gene_ids)
         try:
-            common = _common_genes(reference.var_names, gene_ids)
+            common = common_genes(reference.var_names, gene_ids)
         except ScldmError as err:
             raise ScldmError(f"ldm.sample_reference={path}: {err}") from None
         self.gene_idx = None
         if common is not None:  # compare on the genes both have, in reference order
             reference = reference[:, common].copy()
             self.gene_idx = gene_ids.get_indexer(common)
-        x_ref_ng = _counts(reference, "reference")
+        x_ref_ng = raw_counts(reference, "reference")
         self.rep = fit_representation(x_ref_ng, seed=self.seed, var_names_g=list(reference.var_names))
         self.ref_np = self.rep.transform(x_ref_ng)
 
         attributes = [a for a in stage.labels.attributes if a in reference.obs.columns]
-        conditions = conditions_matching(path, attributes, n_cells, self.seed) if attributes else [({}, n_cells)]
+        conditions = conditions_matching(reference.obs, attributes, n_cells, where=path) if attributes \
+            else [({}, n_cells)]
         self.labels_na, _ = condition_codes(conditions, stage.labels, strict=False)
-        self.null_codes = list(stage.labels.cardinalities)
-        self.weights_a = [float(w) for w in cfg.flow.guidance]
-        self.mode = GuidanceMode(cfg.flow.guidance_mode)
-        self.sampler = SamplerKind(cfg.flow.sampler)
-        self.num_steps = int(cfg.flow.num_steps)
-        self.diffusion = float(cfg.flow.sde_diffusion)
-        self.guidance_interval = check_interval(cfg.flow.guidance_interval)
+        self.sampler = Sampler.from_flow(to_object(cfg).flow, len(stage.labels.attributes))
         self.mean_mz, self.std_mz = stage.mean_mz, stage.std_mz
-        self.vae = load_vae(cfg.ldm.vae_run)[0].to(device)
+        self.vae = vae.model
         with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: keep the training RNG as is
             self.dit = DiT(stage.model_cfg).to(device).eval()
         self.dit.requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        from scldm_scale.eval.metrics import mmd_rbf, wasserstein2
-        from scldm_scale.tasks.generate import sample_counts
-
         start = time.perf_counter()
         self.dit.load_state_dict(weights)
-        counts_ng, _ = sample_counts(self.dit, self.vae, self.labels_na, self.null_codes, self.weights_a, self.mode,
-                                     self.num_steps, self.sampler, self.mean_mz, self.std_mz, seed=self.seed,
-                                     diffusion=self.diffusion, guidance_interval=self.guidance_interval)
+        blocks = list(sample_blocks(self.dit, self.vae, self.labels_na, self.sampler, self.mean_mz, self.std_mz,
+                                    seed=self.seed, block_size=SAMPLE_BLOCK))
+        counts_ng, _, _ = stack_blocks(blocks, self.vae.cfg.n_genes, tuple(self.mean_mz.shape))
         if self.gene_idx is not None:
             counts_ng = counts_ng[:, self.gene_idx]
         y_np = self.rep.transform(counts_ng)

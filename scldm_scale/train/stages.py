@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from scldm_scale.api.run import export_path, load_export
 from scldm_scale.config import DecodeGenes, Stage, derive
 from scldm_scale.data.config import SourceKind
+from scldm_scale.data.labels import LabelTables
+from scldm_scale.data.latent_cache import read_latent_stats
+from scldm_scale.data.loader import build_source
 from scldm_scale.errors import ScldmError
 from scldm_scale.flow.guidance import drop_labels
 from scldm_scale.flow.interpolant import TimeSampling
@@ -102,27 +106,23 @@ class VAEStage:
     name = Stage.VAE
 
     def __init__(self, cfg: DictConfig) -> None:
-        from scldm_scale.data.loader import check_count_sources, library_size_stats, load_vocab_and_labels
-
         if SourceKind(cfg.data.source) == SourceKind.LATENTS:
             raise ScldmError(
                 "run.stage=vae needs count data; set data.source=h5ad, soma or mixture (latents are for run.stage=ldm)"
             )
         self.cfg = cfg
-        check_count_sources(cfg.data)
-        self.vocab, self.labels = load_vocab_and_labels(cfg.data)
+        self.source = build_source(cfg.data)  # checks the data (shards, experiment, members) as it opens it
+        self.vocab, self.labels = self.source.vocab, self.source.labels
         derive(cfg, n_genes=len(self.vocab), label_cardinalities=self.labels.cardinalities,
-               log_library=library_size_stats(cfg.data))
+               log_library=self.source.library_size_stats())
         self.model_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
         self.decode_mode = DecodeGenes(cfg.train.decode_genes)
 
     def build_model(self) -> nn.Module:
         return ScVAE(self.model_cfg)
 
-    def build_dataset(self):
-        from scldm_scale.data.loader import build_dataset
-
-        return build_dataset(self.cfg.data, self.vocab, self.labels)
+    def build_source(self):
+        return self.source
 
     def loss(self, engine, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         n_genes = self.model_cfg.n_genes
@@ -134,8 +134,9 @@ class VAEStage:
                         float(self.cfg.train.kl_weight), float(self.cfg.train.library_loss_weight),
                         self.model_cfg.log_library_scale)
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["mask_ns"].sum())
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gene tokens of the batch (a device tensor: no host sync)."""
+        return batch["mask_ns"].sum()
 
     def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         n = batch["mask_ns"].shape[0]
@@ -156,9 +157,6 @@ class LDMStage:
     name = Stage.LDM
 
     def __init__(self, cfg: DictConfig) -> None:
-        from scldm_scale.data.latent_cache import read_latent_stats
-        from scldm_scale.train.export import export_path, load_export
-
         if not cfg.ldm.vae_run:
             raise ScldmError("run.stage=ldm needs ldm.vae_run=<run dir of the trained VAE>")
         self.vae_export = export_path(cfg.ldm.vae_run)
@@ -167,16 +165,14 @@ class LDMStage:
         if not (Path(latents) / "manifest.json").is_file():
             raise ScldmError(f"{latents}: no latent cache (manifest.json); run `scldm-scale encode` on the VAE run first")
         cfg.ldm.latents = latents
-        cfg.ldm.sample_reference = resolve_sample_reference(str(cfg.ldm.sample_reference), str(vae_cfg.data.path),
+        cfg.ldm.sample_reference = resolve_sample_reference(str(cfg.ldm.sample_reference), vae_cfg.data.path,
                                                             int(cfg.train.sample_every))
         cfg.data.source = SourceKind.LATENTS
         cfg.data.path = latents
         self.cfg = cfg
-        from scldm_scale.data.labels import LabelTables
-
         self.labels = LabelTables.load(self.vae_export / "labels.json")
         cfg.data.label_columns = list(self.labels.attributes)
-        vae = _typed(vae_cfg.vae, VAEConfig)
+        vae = vae_cfg.vae
         derive(cfg, label_cardinalities=self.labels.cardinalities, vae=vae)
         self.model_cfg: DiTConfig = _typed(cfg.dit, DiTConfig)
         stats = read_latent_stats(latents)
@@ -190,10 +186,8 @@ class LDMStage:
     def build_model(self) -> nn.Module:
         return DiT(self.model_cfg)
 
-    def build_dataset(self):
-        from scldm_scale.data.loader import build_dataset
-
-        return build_dataset(self.cfg.data, None, self.labels)
+    def build_source(self):
+        return build_source(self.cfg.data, labels=self.labels)
 
     def loss(self, engine, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         z_nmz = batch["z_nmz"].float()
@@ -206,8 +200,9 @@ class LDMStage:
         )
         return {"loss": out["loss"]}
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["z_nmz"].shape[0] * batch["z_nmz"].shape[1])
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Latent tokens of the batch."""
+        return torch.tensor(float(batch["z_nmz"].shape[0] * batch["z_nmz"].shape[1]))
 
     def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         return 3.0 * model.flops_per_cell()

@@ -430,6 +430,8 @@ FAILING_WANDB = textwrap.dedent('''
 
 
     class Run:
+        id = "stub0001"
+
         def log(self, metrics, step=None):
             with open(os.environ["WANDB_STUB_CALLS"], "a") as fh:
                 fh.write(f"log {step}\\n")

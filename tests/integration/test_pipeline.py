@@ -10,23 +10,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.cli_utils import TINY_LDM, TINY_VAE, cli, read_metrics
+from tests.cli_utils import cli, read_metrics
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    data = root / "data"
-    cli("prepare", "synthetic", str(data), "--cells", "720", "--genes", "120", "--shards", "2",
-        "--cell-types", "3", "--heldout-fraction", "0.2", "--quiet")
-    common = [f"data.path={data}", f"run.output_dir={root}"]
-    cli("train", *TINY_VAE, "run.name=vae", "train.max_steps=40", "optim.lr=3e-3", *common, nproc=2)
-    cli("encode", "--vae-run", str(root / "vae"), "--quiet", nproc=2)
-    cli("train", *TINY_VAE, *TINY_LDM, "run.name=ldm", f"ldm.vae_run={root / 'vae'}", "train.max_steps=40",
-        *common, nproc=2)
-    return root
 
 
 def test_vae_and_ldm_losses_are_finite_and_decrease(pipeline):
@@ -63,7 +49,7 @@ def test_generate_honours_conditions_and_writes_integer_counts(pipeline):
     assert np.issubdtype(x.dtype, np.integer) and (x >= 0).all() and x.sum() > 0
     assert (gen.obs["cell_type"] == a).sum() == 7 and (gen.obs["cell_type"] == b).sum() == 5
     assert (gen.obs["tissue"] == "tissue_0").sum() == 5
-    assert gen.obsm["X_latent"].shape == (12, 16)
+    assert gen.obsm["X_scldm"].shape == (12, 16)
     assert gen.uns["provenance"]["num_steps"] == 4
     # reproducible by seed
     out2 = pipeline / "gen2.h5ad"
@@ -82,13 +68,13 @@ def test_generate_sde_sampler_is_seeded_and_recorded(pipeline):
     sde = gen("sde.h5ad", "--sampler", "sde", "--diffusion", "2")
     assert sde.uns["provenance"]["sampler"] == "sde" and sde.uns["provenance"]["sde_diffusion"] == 2.0
     again = gen("sde2.h5ad", "--sampler", "sde", "--diffusion", "2")
-    np.testing.assert_array_equal(again.obsm["X_latent"], sde.obsm["X_latent"])
+    np.testing.assert_array_equal(again.obsm["X_scldm"], sde.obsm["X_scldm"])
     euler = gen("euler.h5ad", "--sampler", "euler")
     assert "sde_diffusion" not in euler.uns["provenance"]
     # same initial noise: the Brownian increments are what moves the latents away from the ODE path
-    assert not np.allclose(euler.obsm["X_latent"], sde.obsm["X_latent"])
-    np.testing.assert_allclose(gen("sde0.h5ad", "--sampler", "sde", "--diffusion", "0").obsm["X_latent"],
-                               euler.obsm["X_latent"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(euler.obsm["X_scldm"], sde.obsm["X_scldm"])
+    np.testing.assert_allclose(gen("sde0.h5ad", "--sampler", "sde", "--diffusion", "0").obsm["X_scldm"],
+                               euler.obsm["X_scldm"], rtol=1e-5, atol=1e-5)
     proc = cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(pipeline / "bad_sde.h5ad"),
                "--condition", "cell_type=" + str(sde.obs["cell_type"].iloc[0]) + ":2", "--sampler", "heun",
                "--diffusion", "1", check=False)
@@ -108,12 +94,12 @@ def test_generate_guidance_interval(pipeline):
     assert everywhere.uns["provenance"]["guidance_interval"].tolist() == [0.0, 1.0]  # the recipe default
     part = gen("gi_part.h5ad", "--guidance", "cell_type=1000", "--guidance-interval", "0.3", "0.8")
     assert part.uns["provenance"]["guidance_interval"].tolist() == [0.3, 0.8]
-    assert np.abs(part.obsm["X_latent"] - everywhere.obsm["X_latent"]).max() > 1e-3
+    assert np.abs(part.obsm["X_scldm"] - everywhere.obsm["X_scldm"]).max() > 1e-3
     # an interval that holds none of the sampler's times is the plain conditional (weight 1)
     none = gen("gi_none.h5ad", "--guidance", "cell_type=1000", "--guidance-interval", "0.91", "0.92")
     plain = gen("gi_plain.h5ad", "--guidance", "cell_type=1")
-    np.testing.assert_allclose(none.obsm["X_latent"], plain.obsm["X_latent"], rtol=1e-6, atol=1e-6)
-    assert np.abs(part.obsm["X_latent"] - plain.obsm["X_latent"]).max() > 1e-3
+    np.testing.assert_allclose(none.obsm["X_scldm"], plain.obsm["X_scldm"], rtol=1e-6, atol=1e-6)
+    assert np.abs(part.obsm["X_scldm"] - plain.obsm["X_scldm"]).max() > 1e-3
     # the run's flow.guidance_interval is the default of generate
     run = pipeline / "ldm_interval"
     shutil.copytree(pipeline / "ldm" / "export", run / "export")
@@ -122,7 +108,7 @@ def test_generate_guidance_interval(pipeline):
     OmegaConf.save(cfg, run / "export" / "config.yaml")
     from_cfg = gen("gi_cfg.h5ad", "--guidance", "cell_type=1000", run=run)
     assert from_cfg.uns["provenance"]["guidance_interval"].tolist() == [0.91, 0.92]
-    np.testing.assert_allclose(from_cfg.obsm["X_latent"], plain.obsm["X_latent"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(from_cfg.obsm["X_scldm"], plain.obsm["X_scldm"], rtol=1e-6, atol=1e-6)
     proc = cli("generate", "--ldm-run", str(pipeline / "ldm"), "--out", str(pipeline / "gi_bad.h5ad"),
                "--match", str(pipeline / "data" / "heldout.h5ad"), "--n-cells", "4",
                "--guidance-interval", "0.8", "0.3", check=False)

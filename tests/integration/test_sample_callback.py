@@ -46,24 +46,20 @@ def test_sample_metrics_at_the_configured_steps(runs):
 
 def test_sample_metrics_equal_generate_then_evaluate_with_the_ema_weights(runs, tiny_atlas):
     """The last callback used the EMA weights the export holds: `generate` + `evaluate` on them give the same numbers."""
-    from scldm_scale.data.labels import LabelTables
+    from scldm_scale.api import ScLDM
     from scldm_scale.eval.evaluate import evaluate
-    from scldm_scale.tasks.generate import conditions_matching, generate
 
-    heldout = tiny_atlas / "heldout.h5ad"
-    attributes = LabelTables.load(runs / "ldm" / "export" / "labels.json").attributes
-    out = generate(str(runs / "ldm"), conditions_matching(str(heldout), attributes, SAMPLE_CELLS, 0),
-                   str(runs / "gen.h5ad"), seed=0, progress=False)
-    expected = evaluate(ad.read_h5ad(heldout), ad.read_h5ad(out), label_keys=[], seed=0, per_condition=False)
+    heldout = ad.read_h5ad(tiny_atlas / "heldout.h5ad")
+    gen = ScLDM.load(runs / "ldm").generate(obs=heldout.obs, n_cells=SAMPLE_CELLS, seed=0)
+    expected = evaluate(heldout, gen, label_keys=[], seed=0, per_condition=False)
     last = _sample_records(runs / "ldm")[-1]
     assert last["step"] == LDM_STEPS
     assert last["sample/mmd"] == pytest.approx(expected["mmd"], rel=1e-6, abs=1e-12)
     assert last["sample/w2"] == pytest.approx(expected["w2"], rel=1e-6)
     # the raw (non-EMA) weights sample other latents, so matching the EMA run is not a coincidence (the
     # counts of so short a run can coincide: an 8-step VAE decoder barely reads its latents yet)
-    raw = generate(str(runs / "ldm"), conditions_matching(str(heldout), attributes, SAMPLE_CELLS, 0),
-                   str(runs / "gen_raw.h5ad"), seed=0, use_ema=False, progress=False)
-    latents_ema, latents_raw = ad.read_h5ad(out).obsm["X_latent"], ad.read_h5ad(raw).obsm["X_latent"]
+    raw = ScLDM.load(runs / "ldm", ema=False).generate(obs=heldout.obs, n_cells=SAMPLE_CELLS, seed=0)
+    latents_ema, latents_raw = gen.obsm["X_scldm"], raw.obsm["X_scldm"]
     assert abs(latents_ema - latents_raw).max() > 1e-3
 
 

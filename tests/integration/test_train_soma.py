@@ -1,7 +1,7 @@
 """Training a tiny VAE (single process) from a SOMA experiment and from a SOMA + h5ad mixture.
 
 The training runs in a subprocess through :class:`~scldm_scale.train.trainer.Trainer` with its
-loader wrapped to record the ``cell_index_n`` of every batch handed to the training step.
+source's batches wrapped to record the ``cell_index_n`` of every batch handed to the training step.
 The SOMA experiment holds the tiny atlas's 450 training cells (``soma_joinid == cell_index``);
 the mixture's h5ad member is a copy of the atlas shards with ``cell_index`` shifted by
 ``H5AD_OFFSET``, so every recorded batch names its source.
@@ -36,20 +36,16 @@ from scldm_scale.train.trainer import Trainer
 
 out, items = sys.argv[1], sys.argv[2:]
 trainer = Trainer(load_config(*_split_recipes(items)))
-loader, seen = trainer.loader, []
+batches, seen = trainer.source.batches, []
 
 
-class Recording:
-    def __getattr__(self, name):
-        return getattr(loader, name)
-
-    def __iter__(self):
-        for batch in loader:
-            seen.append(batch["cell_index_n"].numpy().copy())
-            yield batch
+def recording(*args, **kwargs):
+    for batch in batches(*args, **kwargs):
+        seen.append(batch["cell_index_n"].numpy().copy())
+        yield batch
 
 
-trainer.loader = Recording()
+trainer.source.batches = recording
 try:
     trainer.train()
 finally:
@@ -105,7 +101,8 @@ def test_soma_training_consumes_the_planned_cells_and_resumes(tiny_soma, tiny_at
               "data.shuffle_buffer=32", f"data.labels_path={tiny_atlas / 'labels.json'}"]  # vocab: from the experiment
     # 5 steps with 1 worker, checkpoint; resume to 12 steps with 2 workers
     first = _train(tmp_path, "soma", *common, "data.num_workers=1", "train.max_steps=12", "train.stop_at_step=5")
-    assert _data_state(tmp_path / "soma") == {"epoch": 0, "batches_consumed": 5}
+    state = _data_state(tmp_path / "soma")
+    assert (state["epoch"], state["cells_consumed"], state["batch_size"], state["world_size"]) == (0, 5 * BATCH, BATCH, 1)
     rest = _train(tmp_path, "soma", *common, "data.num_workers=2", "train.max_steps=12", "run.resume=true")
     seen = np.concatenate([first, rest])
     assert seen.shape == (12, BATCH)
@@ -123,35 +120,36 @@ def test_soma_training_consumes_the_planned_cells_and_resumes(tiny_soma, tiny_at
     # exactly the documented epoch plan, across the interruption and the worker-count change
     from scldm_scale.data.config import DataConfig, SourceKind
     from scldm_scale.data.labels import LabelTables
-    from scldm_scale.data.loader import build_dataset, load_vocab_and_labels
+    from scldm_scale.data.loader import build_source, load_vocab_and_labels
 
     cfg = DataConfig(source=SourceKind.SOMA, path=tiny_soma, value_filter=FILTER, chunk_size=8, shuffle_buffer=32,
                      batch_size=BATCH, max_genes=64, labels_path=str(tiny_atlas / "labels.json"))
     vocab, labels = load_vocab_and_labels(cfg)
     assert labels == LabelTables.load(tiny_atlas / "labels.json")
-    plan = build_dataset(cfg, vocab, labels).rank_joinids(0, 0, 1)
-    np.testing.assert_array_equal(cells, plan[: 12 * BATCH])
+    source = build_source(cfg, vocab, labels)
+    assert state["cells_per_epoch"] == source.n_cells == len(selected)
+    np.testing.assert_array_equal(cells, source.epoch_joinids(0)[: 12 * BATCH])
 
 
 def test_mixture_training_draws_sources_in_proportion(tiny_soma, shifted_h5ad, tmp_path):  # noqa: F811
     sources = f"[{{source: soma, path: '{tiny_soma}', weight: 3}}, {{source: h5ad, path: '{shifted_h5ad}', weight: 1}}]"
-    # 450 cells each: 28 batches per epoch each -> a mixture epoch of 56 batches, 42 SOMA + 14 h5ad
+    # 450 cells each: 29 draws of 16 per epoch each -> a mixture epoch of 58 draws, 44 SOMA + 14 h5ad
     seen = _train(tmp_path, "mix", "data.source=mixture", f"data.sources={sources}", "data.chunk_size=8",
                   "data.shuffle_buffer=32", "data.num_workers=2", "train.max_steps=60")
     assert seen.shape == (60, BATCH)
     losses = [r["loss"] for r in read_metrics(tmp_path / "mix")]
     assert len(losses) == 60 and np.all(np.isfinite(losses))
-    assert _data_state(tmp_path / "mix") == {"epoch": 1, "batches_consumed": 4}
+    state = _data_state(tmp_path / "mix")
+    assert (state["epoch"], state["cells_consumed"], state["cells_per_epoch"]) == (1, 2 * BATCH, 58 * BATCH)
 
     from_h5ad = seen >= H5AD_OFFSET
     assert (from_h5ad.all(1) | ~from_h5ad.any(1)).all()  # every batch comes from one source
-    share = from_h5ad[:56, 0].mean()
-    assert share == pytest.approx(0.25, abs=0.02)  # one mixture epoch: exactly the weights
+    assert from_h5ad[:58, 0].sum() == 14  # one mixture epoch: exactly the weights (58 / 4, rounded)
     assert from_h5ad[:, 0].mean() == pytest.approx(0.25, abs=0.05)
-    # each source on its own: no cell twice within its first epoch
-    soma_cells = seen[~from_h5ad[:, 0]].reshape(-1)[: 28 * BATCH]
+    # each source on its own: its first epoch is every one of its cells once
+    soma_cells = seen[~from_h5ad[:, 0]].reshape(-1)[:450]
     h5ad_cells = seen[from_h5ad[:, 0]].reshape(-1) - H5AD_OFFSET
-    assert len(np.unique(soma_cells)) == len(soma_cells)
+    np.testing.assert_array_equal(np.sort(soma_cells), np.arange(450))
     assert len(np.unique(h5ad_cells)) == len(h5ad_cells) and h5ad_cells.max() < 450
     assert json.loads((tmp_path / "mix" / "export" / "labels.json").read_text())["attributes"] == [
         "cell_type", "tissue", "donor"

@@ -85,3 +85,18 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config([tmp_path / "run" / "config.yaml"])
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_recipes_are_found_by_name_or_path(tmp_path, monkeypatch):
+    from scldm_scale.config import RECIPE_DIR, recipe_names, resolve_recipe
+
+    assert {"quickstart", "quickstart_ldm"} <= set(recipe_names())
+    assert resolve_recipe("quickstart") == RECIPE_DIR / "quickstart.yaml"
+    monkeypatch.chdir(tmp_path)  # outside the repository: the shipped file
+    assert resolve_recipe("recipes/quickstart.yaml") == RECIPE_DIR / "quickstart.yaml"
+    own = tmp_path / "quickstart.yaml"
+    own.write_text("train: {max_steps: 3}\n")
+    assert resolve_recipe("quickstart.yaml").resolve() == own  # an existing file wins
+    assert load_config(["quickstart", str(own)]).train.max_steps == 3
+    with pytest.raises(ScldmError, match="did you mean quickstart"):
+        resolve_recipe("quickstrat")

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -85,12 +86,37 @@ def test_representation_sparse_dense_and_hvg():
         rep.transform(dense[:, :10])
 
 
-def test_representation_picks_dispersed_genes():
+def test_representation_picks_overdispersed_genes():
+    """Poisson genes over a range of means, and a few genes with much more variance than their mean
+    implies (Gamma-Poisson with shape 0.5): those are the highly variable ones."""
     rng = np.random.default_rng(0)
-    x = rng.poisson(5.0, size=(300, 40)).astype(float)
-    x[:, 7] = rng.choice([0.0, 80.0], size=300)  # very dispersed gene
-    rep = fit_representation(x, n_hvg=3, n_pcs=2)
-    assert 7 in rep.hvg_idx_h
+    mean_g = np.exp(rng.uniform(np.log(0.5), np.log(50.0), size=200))
+    x = rng.poisson(mean_g, size=(400, 200)).astype(float)
+    dispersed = np.array([11, 57, 123, 180])
+    x[:, dispersed] = rng.poisson(rng.gamma(0.5, mean_g[dispersed] / 0.5, size=(400, 4)))
+    rep = fit_representation(x, n_hvg=4, n_pcs=2)
+    assert sorted(rep.hvg_idx_h.tolist()) == dispersed.tolist()
+
+
+def test_hvgs_are_scanpys_seurat_v3_gene_for_gene():
+    """The one HVG definition (evaluate, the sample check, the benchmark) is scanpy's seurat_v3 on counts."""
+    import anndata as ad
+    import scanpy as sc
+
+    from scldm_scale.eval.representation import highly_variable_genes
+
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pbmc3k.h5ad"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here (the shared real data)")
+    data = ad.read_h5ad(path)[:600].copy()
+    expressed = np.asarray((data.X != 0).sum(0)).ravel() > 0
+    data = data[:, expressed].copy()  # scanpy's seurat_v3 needs every gene expressed somewhere
+    ours = highly_variable_genes(data.X, 1000)
+    table = sc.pp.highly_variable_genes(data.copy(), flavor="seurat_v3", n_top_genes=1000, inplace=False)
+    assert ours.tolist() == np.flatnonzero(table["highly_variable"].to_numpy()).tolist()
+    # zero genes are dropped before scanpy sees them, and never chosen
+    padded = np.hstack([np.zeros((data.n_obs, 5)), data.X.toarray()])
+    assert (highly_variable_genes(padded, 1000) - 5).tolist() == ours.tolist()
 
 
 # ----------------------------------------------------------------------------- align_genes

@@ -1,4 +1,5 @@
-"""h5ad source: batches read from cellarium's cached shards equal cellarium's own AnnDataField batches."""
+"""h5ad source: batches read from cellarium's cached shards equal cellarium's own AnnDataField batches;
+the epoch order draws from ``shards_per_batch`` shards; the inference pass reads row ranges."""
 
 from __future__ import annotations
 
@@ -7,30 +8,84 @@ import pytest
 
 from scldm_scale.data.config import DataConfig
 
+N_CELLS, SHARD = 450, 150  # the tiny atlas: 3 shards of 150 training cells
+
+
+def _source(atlas, **kw):
+    from scldm_scale.data.loader import build_source
+
+    cfg = DataConfig(path=str(atlas), batch_size=40, max_genes=24, seed=5, label_columns=["cell_type", "tissue"])
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    return build_source(cfg)
+
 
 @pytest.fixture(scope="module")
-def dataset(tiny_atlas):
-    from scldm_scale.data.labels import LabelTables
-    from scldm_scale.data.loader import build_dataset
-    from scldm_scale.data.vocab import GeneVocab
-
-    vocab, labels = GeneVocab.load(tiny_atlas / "vocab.json"), LabelTables.load(tiny_atlas / "labels.json")
-    cfg = DataConfig(path=str(tiny_atlas), batch_size=40, max_genes=24, seed=5, label_columns=["cell_type", "tissue"])
-    return build_dataset(cfg, vocab, labels)
+def source(tiny_atlas):
+    return _source(tiny_atlas)
 
 
-def test_read_rows_matches_cellarium_batches(dataset):
-    idx_n = dataset.rank_indices(1, 0, 1)
+def test_read_rows_matches_cellarium_batches(source):
+    from cellarium.ml.data import IterableDistributedAnnDataCollectionDataset
+    from cellarium.ml.utilities.data import AnnDataField
+
+    keep = lambda x: x  # noqa: E731
+    keys = {"x_ng": AnnDataField(attr="X", convert_fn=keep), "cell_index_n": AnnDataField(attr="obs", key="cell_index")}
+    keys.update({f"obs/{a}": AnnDataField(attr="obs", key=a, convert_fn=keep) for a in source.label_columns})
+    reference = IterableDistributedAnnDataCollectionDataset(source.dadc, batch_keys=keys, batch_size=40)
+    order = source.epoch_positions(1, 0, N_CELLS)
     spans = 0
-    for j in range(len(idx_n) // dataset.batch_size):
-        rows = idx_n[j * 40 : (j + 1) * 40]
-        x, labels_na, cell_index_n, shard_ids = dataset.read_rows(rows)
+    for j in range(N_CELLS // 40):
+        rows = order[j * 40 : (j + 1) * 40]
+        x, labels_na, cell_index_n, shard_ids = source.read_rows(rows)
         spans += len(shard_ids) > 1
-        want = dataset.inner[rows]  # cellarium: AnnData view + concat per batch
+        want = reference[rows]  # cellarium: AnnData view + concat per batch
         assert (x != want["x_ng"]).nnz == 0 and x.dtype == want["x_ng"].dtype
         np.testing.assert_array_equal(cell_index_n, np.asarray(want["cell_index_n"]))
-        for a, attr in enumerate(dataset.labels.attributes):
-            expected = (dataset.labels.encode(attr, want[f"obs/{attr}"]) if attr in dataset.label_columns
-                        else np.full(len(rows), dataset.labels.unknown_code(attr)))
+        for a, attr in enumerate(source.labels.attributes):
+            expected = (source.labels.encode(attr, want[f"obs/{attr}"]) if attr in source.label_columns
+                        else np.full(len(rows), source.labels.unknown_code(attr)))
             np.testing.assert_array_equal(labels_na[:, a], expected)
     assert spans > 0  # some batches straddle two shards (the reordering path is exercised)
+
+
+@pytest.mark.parametrize("shards_per_batch", [1, 2, 3])
+def test_epoch_order_draws_from_groups_of_shards(tiny_atlas, shards_per_batch):
+    src = _source(tiny_atlas, shards_per_batch=shards_per_batch)
+    assert src.dadc.max_cache_size == max(2, 2 * shards_per_batch)
+    for epoch in (0, 1):
+        order = src.epoch_positions(epoch, 0, N_CELLS)
+        np.testing.assert_array_equal(np.sort(order), np.arange(N_CELLS))  # a permutation
+        shard_n = order // SHARD
+        shards, starts = src.shard_groups(epoch)
+        for g in range(len(starts) - 1):  # each group of shards is one run of the order, mixed uniformly
+            group = shard_n[starts[g] : starts[g + 1]]
+            assert set(group.tolist()) == set(shards[g * shards_per_batch : (g + 1) * shards_per_batch].tolist())
+            first_batch = group[:40]
+            assert len(set(first_batch.tolist())) == min(shards_per_batch, len(set(group.tolist())))
+        # random access equals slicing the whole order
+        np.testing.assert_array_equal(src.epoch_positions(epoch, 123, 321), order[123:321])
+    assert not np.array_equal(src.epoch_positions(0, 0, N_CELLS), src.epoch_positions(1, 0, N_CELLS))
+    assert np.array_equal(_source(tiny_atlas, shuffle=False).epoch_positions(0, 0, N_CELLS), np.arange(N_CELLS))
+
+
+def test_inference_pass_and_library_sizes(source, tiny_atlas):
+    import anndata
+
+    from scldm_scale.data.source import Source
+
+    assert isinstance(source, Source) and source.vocab is not None and source.labels is not None
+
+    x = anndata.concat([anndata.read_h5ad(tiny_atlas / f"shard_{i:04d}.h5ad") for i in range(3)]).X.tocsr()
+    seen = []
+    for rank in range(3):
+        batches = list(source.inference_batches(rank, 3, 64))
+        assert [len(b["cell_index_n"]) for b in batches] == [64, 64, 22]  # 150 cells per rank, last batch short
+        seen += [b["cell_index_n"].numpy() for b in batches]
+        for b in batches:  # library sizes are the cells' totals (max_genes only caps the tokens)
+            np.testing.assert_array_equal(b["library_size_n"].numpy(),
+                                          np.asarray(x[b["cell_index_n"].numpy()].sum(axis=1)).ravel())
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(N_CELLS))  # every cell once, in row order
+    mean, std = source.library_size_stats(max_cells=100)
+    log_lib = np.log(np.asarray(x[:100].sum(axis=1)).ravel())
+    assert mean == pytest.approx(log_lib.mean()) and std == pytest.approx(log_lib.std())

@@ -13,16 +13,18 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scldm_scale.data import harmonize
+from scldm_scale.data import writers
 from scldm_scale.data.harmonize import prepare_h5ad, prepare_soma
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.errors import ScldmError
 
 LABELS = ["cell_type", "tissue", "donor"]
+INPUT_ORDER = ["a:c0", "a:c1", "a:c2", "b:c0", "b:c1", "c:x", "c:y"]  # obs names of the example's cells
 E = [f"ENSG0000000000{i}" for i in range(1, 6)]  # E[0] = gene G1 ... E[4] = gene G5
 
-# Harmonized cells x vocabulary (E1..E5, sorted) in input order a0 a1 a2 b0 b1 c0 c1:
+# Harmonized cells x vocabulary (E1..E5, sorted) in input order a0 a1 a2 b0 b1 c0 c1 (the shards hold
+# them in a seeded random order; `in_input_order` puts them back):
 #  a.h5ad: Ensembl var_names E1 E2 E3 (symbols in var['gene_symbols'])
 #  b.h5ad: symbol var_names G4 G2 G5, Ensembl ids in var['gene_ids'] (G2 with a version suffix), float counts
 #  c.h5ad: symbols only G3 G1 XYZ (G3, G1 translated through a's pairs; XYZ dropped), dense int64 X
@@ -86,8 +88,14 @@ def inputs(tmp_path) -> list[Path]:
 
 
 def read_shards(out: Path) -> ad.AnnData:
+    """The shards of ``out`` concatenated (row order = cell_index)."""
     meta = json.loads((out / "metadata.json").read_text())
     return ad.concat([ad.read_h5ad(out / s["file"]) for s in meta["shards"]], merge="same")
+
+
+def in_input_order(adata: ad.AnnData) -> ad.AnnData:
+    """The example's cells in input order (a0 a1 a2 b0 b1 c0 c1), whatever order they were written in."""
+    return adata[[n for n in INPUT_ORDER if n in adata.obs_names]].copy()
 
 
 def test_heterogeneous_inputs_harmonize_to_expected_matrix(inputs, tmp_path, capsys):
@@ -119,26 +127,30 @@ def test_heterogeneous_inputs_harmonize_to_expected_matrix(inputs, tmp_path, cap
         for col, cats in EXPECTED_CATEGORIES.items():
             assert list(s.obs[col].cat.categories) == cats
         assert list(s.obs["source_file"].cat.categories) == ["a.h5ad", "b.h5ad", "c.h5ad"]
-    full = read_shards(out)
+    rows = read_shards(out)
+    assert rows.obs["cell_index"].tolist() == list(range(7)) and rows.obs["cell_index"].dtype == np.int64
+    assert sorted(rows.obs_names) == INPUT_ORDER and list(rows.obs_names) != INPUT_ORDER  # shuffled across inputs
+    full = in_input_order(rows)
     np.testing.assert_array_equal(full.X.toarray(), EXPECTED_X)
     for col, values in EXPECTED_OBS.items():
         assert full.obs[col].astype(str).tolist() == values, col
-    assert full.obs["cell_index"].tolist() == list(range(7)) and full.obs["cell_index"].dtype == np.int64
     assert full.obs["source_file"].astype(str).tolist() == ["a.h5ad"] * 3 + ["b.h5ad"] * 2 + ["c.h5ad"] * 2
-    assert list(full.obs_names) == ["a:c0", "a:c1", "a:c2", "b:c0", "b:c1", "c:x", "c:y"]
+    assert [i["counts_from"] for i in meta["inputs"]] == ["X", "X", "X"]
+    assert "a.h5ad: counts from X (integer-valued)" in err
+    assert GeneVocab.load(out / "vocab.json").symbols == ["G1", "G2", "G3", "G4", "G5"]
 
 
 def test_min_files_and_given_vocab(inputs, tmp_path):
     meta = prepare_h5ad(inputs, tmp_path / "m2", labels=["cell_type"], min_files=2, progress=False).meta
     assert GeneVocab.load(tmp_path / "m2" / "vocab.json").gene_ids == E[:3]  # E4, E5 only in b.h5ad
     assert [i["n_genes_dropped"] for i in meta["inputs"]] == [0, 2, 1]
-    np.testing.assert_array_equal(read_shards(tmp_path / "m2").X.toarray(), EXPECTED_X[:, :3])
+    np.testing.assert_array_equal(in_input_order(read_shards(tmp_path / "m2")).X.toarray(), EXPECTED_X[:, :3])
 
     GeneVocab([E[4], E[0], "ENSG00000000099"], version="mine").save(tmp_path / "v.json")
     prepare_h5ad(inputs, tmp_path / "v", vocab_path=tmp_path / "v.json", progress=False)
     assert GeneVocab.load(tmp_path / "v" / "vocab.json") == GeneVocab.load(tmp_path / "v.json")
     expected = np.c_[EXPECTED_X[:, [4, 0]], np.zeros(7, int)]  # E5, E1, and a gene no input has
-    np.testing.assert_array_equal(read_shards(tmp_path / "v").X.toarray(), expected)
+    np.testing.assert_array_equal(in_input_order(read_shards(tmp_path / "v")).X.toarray(), expected)
     with pytest.raises(ScldmError, match="--min-files"):
         prepare_h5ad(inputs, tmp_path / "x", vocab_path=tmp_path / "v.json", min_files=2, progress=False)
 
@@ -163,7 +175,7 @@ def test_rerun_is_idempotent_and_changes_need_overwrite(inputs, tmp_path):
 
 def test_interrupted_prepare_leaves_no_complete_looking_output(inputs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = harmonize._write_shard
+    real = writers.write_h5ad
     calls = []
 
     def flaky(adata, path):
@@ -172,23 +184,23 @@ def test_interrupted_prepare_leaves_no_complete_looking_output(inputs, tmp_path,
             raise KeyboardInterrupt  # interrupted midway through the shards
         real(adata, path)
 
-    monkeypatch.setattr(harmonize, "_write_shard", flaky)
+    monkeypatch.setattr(writers, "write_h5ad", flaky)
     with pytest.raises(KeyboardInterrupt):
         prepare_h5ad(inputs, out, shard_size=3, progress=False)
     assert not out.exists() and not list(tmp_path.glob("out*"))
 
-    monkeypatch.setattr(harmonize, "_write_shard", real)
+    monkeypatch.setattr(writers, "write_h5ad", real)
     prepare_h5ad(inputs, out, shard_size=3, progress=False)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
     calls.clear()
-    monkeypatch.setattr(harmonize, "_write_shard", flaky)
+    monkeypatch.setattr(writers, "write_h5ad", flaky)
     with pytest.raises(KeyboardInterrupt):
         prepare_h5ad(inputs, out, shard_size=2, overwrite=True, progress=False)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.glob("out*")) == ["out"]
 
     # a killed run leaves <OUT>.tmp-<pid> with a dead pid: the next run removes it
-    monkeypatch.setattr(harmonize, "_write_shard", real)
+    monkeypatch.setattr(writers, "write_h5ad", real)
     stale = tmp_path / "new.tmp-4194999"
     stale.mkdir()
     (stale / "shard_0000.h5ad").write_bytes(b"partial")
@@ -206,8 +218,9 @@ def test_heldout_fraction_is_seeded(inputs, tmp_path):
     assert held.obs["cell_index"].tolist() == list(range(n_train, 7))
     assert list(held.obs["cell_type"].cat.categories) == EXPECTED_CATEGORIES["cell_type"]
     both = ad.concat([train, held])
-    order = [["a:c0", "a:c1", "a:c2", "b:c0", "b:c1", "c:x", "c:y"].index(n) for n in both.obs_names]
+    order = [INPUT_ORDER.index(n) for n in both.obs_names]
     np.testing.assert_array_equal(both.X.toarray(), EXPECTED_X[order])
+    assert [INPUT_ORDER.index(n) for n in held.obs_names] == sorted(INPUT_ORDER.index(n) for n in held.obs_names)
     assert again["n_heldout"] == n_held and ad.read_h5ad(tmp_path / "h2" / "heldout.h5ad").obs_names.equals(
         held.obs_names)
 
@@ -276,36 +289,41 @@ def test_missing_label_column_is_unknown_without_require_labels(inputs, tmp_path
     bad = _bad("missing_label", tmp_path / "bad")
     prepare_h5ad([inputs[0], bad], tmp_path / "out", progress=False)
     full = read_shards(tmp_path / "out")
-    assert full.obs["cell_type"].astype(str).tolist() == ["T", "B", "T", "unknown", "unknown"]
+    by_name = dict(zip(full.obs_names, full.obs["cell_type"].astype(str)))
+    assert [by_name[n] for n in ["a:c0", "a:c1", "a:c2", "bad_missing_label:u", "bad_missing_label:v"]] == [
+        "T", "B", "T", "unknown", "unknown"]
 
 
 def test_shards_load_in_h5ad_dataset_and_train_checks_label_columns(inputs, tmp_path):
     from scldm_scale.data.config import DataConfig
-    from scldm_scale.data.h5ad_source import H5ADTokenDataset
+    from scldm_scale.data.h5ad_source import H5ADSource
     from scldm_scale.data.loader import load_vocab_and_labels
 
     out = tmp_path / "out"
     prepare_h5ad(inputs, out, shard_size=3, labels=LABELS, progress=False)
     cfg = DataConfig(path=str(out), label_columns=LABELS, batch_size=2, shuffle=False, max_genes=8)
     vocab, labels = load_vocab_and_labels(cfg)
-    ds = H5ADTokenDataset(cfg, vocab, labels)
-    batch = next(iter(ds))
+    assert vocab.symbols == ["G1", "G2", "G3", "G4", "G5"]
+    ds = H5ADSource(cfg, vocab, labels)
+    batch = next(ds.batches())
     assert batch["cell_index_n"].tolist() == [0, 1]
-    assert batch["library_size_n"].tolist() == [3.0, 3.0]
-    assert batch["labels_na"].tolist() == [[labels.code_of(a, EXPECTED_OBS[a][i]) for a in LABELS] for i in (0, 1)]
+    first = [INPUT_ORDER.index(n) for n in read_shards(out).obs_names[:2]]  # input cells in rows 0, 1
+    assert batch["library_size_n"].tolist() == [float(EXPECTED_X[i].sum()) for i in first]
+    assert batch["labels_na"].tolist() == [[labels.code_of(a, EXPECTED_OBS[a][i]) for a in LABELS] for i in first]
 
     # prepared without 'tissue': training with data.label_columns including it fails cleanly
     prepare_h5ad(inputs, tmp_path / "ct", labels=["cell_type"], progress=False)
     cfg = DataConfig(path=str(tmp_path / "ct"), label_columns=["cell_type", "tissue"], batch_size=2)
     with pytest.raises(ScldmError, match="tissue"):
-        H5ADTokenDataset(cfg, vocab, LabelTables({"cell_type": ["B"], "tissue": ["lung"]}))
+        H5ADSource(cfg, vocab, LabelTables({"cell_type": ["B"], "tissue": ["lung"]}))
 
 
 def test_prepare_soma_matches_h5ad(inputs, tmp_path):
     import tiledbsoma
 
     prepare_h5ad(inputs, tmp_path / "h5", labels=LABELS, progress=False)
-    h5_nnz = read_shards(tmp_path / "h5").X.nnz
+    rows = read_shards(tmp_path / "h5")
+    h5_nnz = rows.X.nnz
     out = tmp_path / "soma"
     res = prepare_soma(inputs, out, labels=LABELS, progress=False)
     assert res.meta["format"] == "scldm-scale/soma-experiment" and res.meta["nnz"] == h5_nnz
@@ -318,10 +336,11 @@ def test_prepare_soma_matches_h5ad(inputs, tmp_path):
         assert x.nnz == h5_nnz and tuple(x.shape) == (7, 5)
         adata = exp.axis_query("RNA").to_anndata("data")
     assert obs["soma_joinid"].tolist() == obs["cell_index"].tolist() == list(range(7))
-    assert obs["obs_id"].tolist() == ["a:c0", "a:c1", "a:c2", "b:c0", "b:c1", "c:x", "c:y"]
+    assert obs["obs_id"].tolist() == list(rows.obs_names)  # the same global order as the shards
+    order = [INPUT_ORDER.index(n) for n in obs["obs_id"]]
     for col, values in EXPECTED_OBS.items():
-        assert obs[col].astype(str).tolist() == values
+        assert obs[col].astype(str).tolist() == [values[i] for i in order]
         assert list(obs[col].cat.categories) == EXPECTED_CATEGORIES[col]
     assert var["var_id"].tolist() == E and var["gene_symbol"].tolist() == ["G1", "G2", "G3", "G4", "G5"]
-    np.testing.assert_array_equal(adata.X.toarray(), EXPECTED_X)
+    np.testing.assert_array_equal(adata.X.toarray(), EXPECTED_X[order])
     assert prepare_soma(inputs, out, labels=LABELS, progress=False).up_to_date

@@ -23,8 +23,7 @@ def test_census_dry_run_prints_the_plan_without_touching_data(capsys, monkeypatc
     def no_data(*args, **kwargs):
         raise AssertionError("the dry run read data")
 
-    monkeypatch.setattr(loader, "build_dataset", no_data)
-    monkeypatch.setattr(loader, "load_vocab_and_labels", no_data)
+    monkeypatch.setattr(loader, "build_source", no_data)
     main(["train", CENSUS, "--dry-run"])
     text = capsys.readouterr().out
     for needle in ("run plan: census-vae", "Census 2025-01-30", "is_primary_data == True", "parameters",

@@ -1,7 +1,7 @@
-"""SOMA source (single process): selection, tokens, errors, resume; mixtures; config schema.
+"""SOMA source (single process): selection, tokens, epoch order, errors, resume; mixtures; config schema.
 
-Rank x worker sharding and resume with other worker counts are in
-tests/distributed/test_soma_sharding.py. The tiny SOMA experiment holds the tiny atlas's 450
+Rank x worker sharding and resume on other numbers of ranks and workers are in
+tests/distributed/test_elastic_sources.py. The tiny SOMA experiment holds the tiny atlas's 450
 training cells with ``soma_joinid == cell_index``.
 """
 
@@ -40,13 +40,17 @@ def _cfg(uri, **kw) -> DataConfig:
 
 
 def _dataset(cfg, vocab_labels):
-    from scldm_scale.data.loader import build_dataset
+    from scldm_scale.data.loader import build_source
 
-    return build_dataset(cfg, *vocab_labels)
+    return build_source(cfg, *vocab_labels)
 
 
 def _cells(batches) -> np.ndarray:
     return np.concatenate([b["cell_index_n"].numpy() for b in batches])
+
+
+def _take(it, n_batches: int) -> list:
+    return [next(it) for _ in range(n_batches)]
 
 
 def test_value_filter_selects_exactly_the_matching_cells(tiny_soma, vocab_labels, atlas_obs_x):
@@ -55,20 +59,21 @@ def test_value_filter_selects_exactly_the_matching_cells(tiny_soma, vocab_labels
     ds = _dataset(_cfg(tiny_soma, value_filter=FILTER, batch_size=5, chunk_size=4, shuffle_buffer=10), vocab_labels)
     np.testing.assert_array_equal(ds.joinids_n, np.sort(want.to_numpy()))
     n = len(want)
-    assert ds.n_cells == n
-    # one epoch in-process: only selected cells, each at most once, batches_per_epoch full batches
-    cells = _cells(list(ds))
-    assert len(cells) == ds.batches_per_epoch * 5 and len(np.unique(cells)) == len(cells)
-    assert set(cells.tolist()) <= set(want.tolist())
-    assert ds.batches_per_epoch == n // 5  # world 1: every chunk is kept
+    assert ds.n_cells == n == ds.cells_per_epoch
+    # one epoch in-process: the first n cells of the stream are the selection, each once
+    cells = _cells(_take(ds.batches(), -(-n // 5)))
+    np.testing.assert_array_equal(np.sort(cells[:n]), np.sort(want.to_numpy()))
+    np.testing.assert_array_equal(cells[:n], ds.epoch_joinids(0))
+    inference = _cells(b for r in range(2) for b in ds.inference_batches(r, 2, 4))
+    np.testing.assert_array_equal(inference, np.sort(want.to_numpy()))  # joinid order, every cell once
 
 
 def test_tokens_labels_and_ids_match_the_h5ad_cells(tiny_soma, vocab_labels, atlas_obs_x):
     obs, x = atlas_obs_x
     _, labels = vocab_labels
     ds = _dataset(_cfg(tiny_soma), vocab_labels)
-    assert (ds.n_cells, ds.batches_per_epoch) == (450, 18)
-    batch = next(iter(ds))
+    assert ds.n_cells == 450
+    batch = next(ds.batches())
     assert set(batch) == {"gene_ids_ns", "counts_ns", "mask_ns", "library_size_n", "labels_na", "cell_index_n"}
     ids = batch["cell_index_n"].numpy()
     for i, cell in enumerate(ids):
@@ -79,33 +84,44 @@ def test_tokens_labels_and_ids_match_the_h5ad_cells(tiny_soma, vocab_labels, atl
         assert batch["library_size_n"][i].item() == pytest.approx(row.data.sum())
     for a, attr in enumerate(labels.attributes):
         np.testing.assert_array_equal(batch["labels_na"][:, a].numpy(), labels.encode(attr, obs[attr].iloc[ids]))
+    mean, std = ds.library_size_stats(max_cells=100)
+    log_lib = np.log(np.asarray(x[:100].sum(axis=1)).ravel())
+    assert mean == pytest.approx(log_lib.mean()) and std == pytest.approx(log_lib.std())
 
 
-def test_epoch_order_resume_and_loader_state(tiny_soma, vocab_labels):
-    from scldm_scale.data.loader import StatefulLoader
-
+def test_epoch_order_lanes_and_resume(tiny_soma, vocab_labels):
     ds = _dataset(_cfg(tiny_soma), vocab_labels)
-    full = [b["cell_index_n"].numpy() for b in ds]
-    assert len(full) == 18 and ds.state_dict() == {"epoch": 0, "batches_consumed": 18}
-    np.testing.assert_array_equal(np.sort(np.concatenate(full)), np.arange(450))  # world 1: the whole selection
-    np.testing.assert_array_equal(np.concatenate(full), ds.rank_joinids(0, 0, 1))
-    ds.load_state_dict({"epoch": 0, "batches_consumed": 7})
-    np.testing.assert_array_equal(_cells(list(ds)), np.concatenate(full[7:]))
+    full = _take(ds.batches(), 18)  # 450 cells = one epoch of 18 batches
+    assert ds.state_dict() == {"epoch": 1, "cells_consumed": 0, "cells_per_epoch": 450, "batch_size": 25,
+                               "world_size": 1}
+    order = ds.epoch_joinids(0)
+    np.testing.assert_array_equal(_cells(full), order)
+    np.testing.assert_array_equal(np.sort(order), np.arange(450))
+    assert not np.array_equal(ds.epoch_joinids(1), order)
+    # lanes: a batch mixes the chunks of one lane of a super-buffer (2 lanes x 75 cells of chunks of 15)
+    for j in range(18):
+        chunks = np.unique(order[j * 25 : (j + 1) * 25] // 15)
+        assert 2 <= len(chunks) <= 7, chunks
+    # random access equals slicing the epoch
+    np.testing.assert_array_equal(ds.joinids_n[ds.epoch_positions(0, 110, 230)], order[110:230])
+    # resume after 7 batches (175 cells), in a new source
+    resumed = _dataset(_cfg(tiny_soma), vocab_labels)
+    resumed.load_state_dict({"epoch": 0, "cells_consumed": 175, "cells_per_epoch": 450, "batch_size": 25})
+    np.testing.assert_array_equal(_cells(_take(resumed.batches(), 11)), _cells(full[7:]))
     with pytest.raises(ScldmError, match="does not fit"):
-        ds.load_state_dict({"epoch": 0, "batches_consumed": 19})
-    assert not np.array_equal(ds.rank_joinids(1, 0, 1), ds.rank_joinids(0, 0, 1))
-    # no shuffle: chunks in joinid order, dealt round-robin to 2 ranks
+        ds.load_state_dict({"epoch": 0, "cells_consumed": 451})
+    with pytest.raises(ScldmError, match="data now has 450"):
+        ds.load_state_dict({"epoch": 0, "cells_consumed": 5, "cells_per_epoch": 500})
+    with pytest.raises(ScldmError, match="resume with data.batch_size=30"):  # lanes are made of batches
+        ds.load_state_dict({"epoch": 0, "cells_consumed": 5, "cells_per_epoch": 450, "batch_size": 30})
+    # no shuffle: the selection in joinid order
     plain = _dataset(_cfg(tiny_soma, shuffle=False), vocab_labels)
-    np.testing.assert_array_equal(plain.rank_joinids(0, 1, 2)[:30], np.r_[15:30, 45:60])
-
-    loader = StatefulLoader(_dataset(_cfg(tiny_soma), vocab_labels))
-    it = iter(loader)
-    seen = [next(it)["cell_index_n"].numpy() for _ in range(20)]
-    assert loader.state_dict() == {"epoch": 1, "batches_consumed": 2}
-    resumed = StatefulLoader(_dataset(_cfg(tiny_soma), vocab_labels))
-    resumed.load_state_dict(loader.state_dict())
-    np.testing.assert_array_equal(next(iter(resumed))["cell_index_n"].numpy(), next(it)["cell_index_n"].numpy())
-    np.testing.assert_array_equal(np.concatenate(seen[:18]), np.concatenate(full))
+    np.testing.assert_array_equal(plain.epoch_joinids(0), np.arange(450))
+    # the stream goes on into the next epoch without dropping cells: batch 18 opens epoch 1
+    ds.load_state_dict({"epoch": 0, "cells_consumed": 425, "cells_per_epoch": 450, "batch_size": 25})
+    it = ds.batches()
+    np.testing.assert_array_equal(_cells(_take(it, 2)), np.r_[order[425:], ds.epoch_joinids(1)[:25]])
+    assert ds.state_dict()["epoch"] == 1 and ds.state_dict()["cells_consumed"] == 25
 
 
 def test_bad_inputs_name_the_problem(tiny_soma, vocab_labels, tmp_path, monkeypatch):
@@ -142,7 +158,7 @@ def test_bad_inputs_name_the_problem(tiny_soma, vocab_labels, tmp_path, monkeypa
 def test_labels_not_in_label_columns_encode_unknown(tiny_soma, vocab_labels):
     _, labels = vocab_labels
     ds = _dataset(_cfg(tiny_soma, label_columns=["cell_type"]), vocab_labels)
-    batch = next(iter(ds))
+    batch = next(ds.batches())
     for a, attr in enumerate(labels.attributes):
         if attr != "cell_type":
             assert (batch["labels_na"][:, a] == labels.unknown_code(attr)).all()
@@ -181,9 +197,9 @@ def test_split_counts_and_member_configs(tiny_soma, tiny_atlas):
 
 
 def test_mixture_draws_in_proportion_and_members_stream_continuously(tiny_soma, tiny_atlas, vocab_labels):
-    from scldm_scale.data.loader import build_dataset
+    from scldm_scale.data.loader import build_source
 
-    # batch 45: 10 batches per epoch for each member (450 cells)
+    # batch 45: 10 draws per epoch for each member (450 cells)
     cfg = _cfg(
         "",
         source=SourceKind.MIXTURE,
@@ -194,44 +210,41 @@ def test_mixture_draws_in_proportion_and_members_stream_continuously(tiny_soma, 
             SourceSpec(path=str(tiny_atlas), weight=1),
         ],
     )
-    mix = build_dataset(cfg, *vocab_labels, validate=False)
-    assert mix.source_batches == [10, 10] and mix.batches_per_epoch == 20
-    assert mix.draws_per_epoch().tolist() == [15, 5]
+    from scldm_scale.data.source import Source
+
+    mix = build_source(cfg, *vocab_labels, validate=False)
+    assert all(isinstance(s, Source) for s in (mix, *mix.sources))
+    assert mix.member_draws.tolist() == [10, 10] and mix.draws_per_epoch == 20 and mix.cells_per_epoch == 900
+    assert mix.counts.tolist() == [15, 5]
     for epoch in (0, 1):
         assert np.bincount(mix.choices(epoch)).tolist() == [15, 5]
     assert not np.array_equal(mix.choices(0), mix.choices(1))
-    got = {0: [], 1: []}
-    for epoch in (0, 1):
-        mix.set_epoch(epoch)
-        choice = mix.choices(epoch)
-        for j, batch in enumerate(mix):
-            got[int(choice[j])].append(batch)
+    stream = _take(mix.batches(), 40)  # two mixture epochs
+    choice = np.concatenate([mix.choices(0), mix.choices(1)])
+    got = {s: [b for b, c in zip(stream, choice) if c == s] for s in (0, 1)}
     # SOMA drew 30 batches: its epochs 0, 1 and 2, in order
-    soma = mix.sources[0]
-    want = np.concatenate([soma.rank_joinids(e, 0, 1) for e in range(3)])
-    np.testing.assert_array_equal(_cells(got[0]), want)
-    # h5ad drew 10: its epoch 0, identical (cells and tokens) to the h5ad dataset's own iteration
-    h5ad = mix.sources[1]
-    h5ad.set_epoch(0)
-    own = list(h5ad)
+    soma, h5ad = mix.sources
+    np.testing.assert_array_equal(_cells(got[0]), np.concatenate([soma.epoch_joinids(e) for e in range(3)]))
+    # h5ad drew 10: its epoch 0, identical (cells and tokens) to the h5ad source's own stream
+    own = _take(h5ad.batches(), 10)
     assert len(got[1]) == len(own) == 10
     for a, b in zip(got[1], own):
         for key in b:
             assert (a[key] == b[key]).all()
-    assert mix.member_positions(2, 0) == [{"epoch": 3, "batches_consumed": 0}, {"epoch": 1, "batches_consumed": 0}]
-    assert mix.member_positions(1, 4) == [{"epoch": 1, "batches_consumed": 5 + int((mix.choices(1)[:4] == 0).sum())},
-                                         {"epoch": 0, "batches_consumed": 5 + int((mix.choices(1)[:4] == 1).sum())}]
-    # resume mid-epoch in-process
-    mix.set_epoch(1)
-    mix.load_state_dict({"epoch": 1, "batches_consumed": 6})
-    rest = [b["cell_index_n"].numpy() for b in mix]
-    assert len(rest) == 14
-    flat = [b["cell_index_n"].numpy() for b in got[0][15:] + got[1][5:]]  # epoch 1 batches, by member
-    choice = mix.choices(1)
-    order = np.argsort(np.argsort(choice, kind="stable"), kind="stable")  # index of batch j in `flat`
-    np.testing.assert_array_equal(np.concatenate(rest), np.concatenate([flat[order[j]] for j in range(6, 20)]))
     state = mix.state_dict()
-    assert state["epoch"] == 1 and state["batches_consumed"] == 20 and len(state["sources"]) == 2
+    assert (state["epoch"], state["cells_consumed"]) == (2, 0)
+    assert state["sources"] == [{"epoch": 3, "cells_consumed": 0}, {"epoch": 1, "cells_consumed": 0}]
+    assert mix.member_positions(24) == [{"epoch": 1, "cells_consumed": 45 * (5 + int((mix.choices(1)[:4] == 0).sum()))},
+                                        {"epoch": 0, "cells_consumed": 45 * (5 + int((mix.choices(1)[:4] == 1).sum()))}]
+    # resume in mixture epoch 1 after 6 draws, in a new source
+    again = build_source(cfg, *vocab_labels, validate=False)
+    again.load_state_dict({"epoch": 1, "cells_consumed": 6 * 45, "cells_per_epoch": 900, "batch_size": 45})
+    np.testing.assert_array_equal(_cells(_take(again.batches(), 14)), _cells(stream[26:]))
+    with pytest.raises(ScldmError, match="not a whole number of draws"):
+        again.load_state_dict({"epoch": 1, "cells_consumed": 50, "cells_per_epoch": 900, "batch_size": 45})
+    # the inference pass visits each member's cells once
+    inference = list(mix.inference_batches(0, 1, 100))
+    np.testing.assert_array_equal(_cells(inference), np.r_[np.arange(450), np.arange(450)])
 
 
 def test_recipe_schema_accepts_soma_and_mixture_keys(tmp_path):

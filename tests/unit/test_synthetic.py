@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import scipy.sparse
 
-from scldm_scale.data import synthetic
+from scldm_scale.data import writers
 from scldm_scale.data.labels import UNKNOWN, LabelTables
-from scldm_scale.data.synthetic import write_synthetic_atlas
+from scldm_scale.data.synthetic import write_synthetic_atlas, write_synthetic_studies
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.errors import ScldmError
 
@@ -98,7 +98,8 @@ def test_metadata_vocab_labels_match_files(tiny_atlas, tiny_atlas_meta):
     assert meta["n_cells"] == 450 and meta["n_heldout"] == 50 and meta["n_cells_total"] == 500
     assert meta["heldout"] == {"file": "heldout.h5ad", "n_cells": 50}
     assert meta["n_genes"] == 200 and meta["seed"] == 0
-    assert GeneVocab.load(os.path.join(path, "vocab.json")).gene_ids == list(shards[0].var_names)
+    vocab = GeneVocab.load(os.path.join(path, "vocab.json"))
+    assert vocab.gene_ids == list(shards[0].var_names) and vocab.symbols == list(shards[0].var["gene_symbol"])
     labels = LabelTables.load(os.path.join(path, "labels.json"))
     assert labels.attributes == ["cell_type", "tissue", "donor"]
     assert labels.categories["cell_type"] == meta["label_categories"]["cell_type"] + [UNKNOWN]
@@ -118,7 +119,7 @@ def test_deterministic_by_seed(tmp_path):
 
 def test_atomic_when_a_shard_write_fails(tmp_path, monkeypatch):
     calls = []
-    real = synthetic._write_h5ad
+    real = writers.write_h5ad
 
     def failing(adata, path):
         calls.append(path)
@@ -126,7 +127,7 @@ def test_atomic_when_a_shard_write_fails(tmp_path, monkeypatch):
             raise OSError("disk full")
         real(adata, path)
 
-    monkeypatch.setattr(synthetic, "_write_h5ad", failing)
+    monkeypatch.setattr(writers, "write_h5ad", failing)
     out = tmp_path / "atlas"
     with pytest.raises(OSError, match="disk full"):
         write_synthetic_atlas(out, n_cells=40, n_genes=20, n_shards=2, progress=False)
@@ -152,3 +153,47 @@ def test_overwrite_replaces_existing_atlas(tmp_path):
     meta = write_synthetic_atlas(tmp_path / "a", seed=2, overwrite=True, **{**kw, "n_shards": 2})
     assert meta["seed"] == 2 and sorted(os.listdir(tmp_path)) == ["a"]
     assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".h5ad")) == ["shard_0000.h5ad", "shard_0001.h5ad"]
+
+
+def test_studies_differ_in_composition_depth_and_panel(tmp_path):
+    paths = write_synthetic_studies(tmp_path / "studies", n_cells=2400, n_genes=400, n_studies=4, genes_per_cell=60,
+                                    n_cell_types=5, layouts=("X", "raw", "layer"), seed=3, progress=False)
+    assert [os.path.basename(p) for p in paths] == [f"study_{i:02d}.h5ad" for i in range(4)]
+    studies = [anndata.read_h5ad(p) for p in paths]
+    assert sum(a.n_obs for a in studies) == 2400
+    counts = [studies[0].X, studies[1].raw.X, studies[2].layers["counts"], studies[3].X]
+    for a, x in zip(studies, counts):
+        assert scipy.sparse.isspmatrix_csr(x) and np.issubdtype(x.dtype, np.integer) and x.data.min() >= 1
+        assert list(a.obs.columns) == ["cell_type", "tissue", "donor", "study"] and a.obs["study"].nunique() == 1
+        assert a.var_names[0].startswith("ENSSYN") and "feature_name" in a.var
+    assert np.issubdtype(studies[1].X.dtype, np.floating) and (studies[1].X.data != np.round(studies[1].X.data)).any()
+    assert studies[1].raw.var_names.equals(studies[1].var_names)
+    # gene panels: study 0 measures every gene, the others a subset
+    assert studies[0].n_vars == 400 and all(300 <= a.n_vars < 400 for a in studies[1:])
+    # depth: genes per cell near the target on average, and different between studies
+    genes = [np.diff(x.indptr).mean() for x in counts]
+    assert 30 < np.mean(genes) < 100 and max(genes) / min(genes) > 1.2
+    # composition: cell-type proportions differ between studies
+    props = np.stack([a.obs["cell_type"].value_counts(normalize=True).reindex(
+        [f"celltype_{i}" for i in range(5)], fill_value=0).to_numpy() for a in studies])
+    assert np.abs(props - props.mean(0)).max() > 0.1
+    # deterministic by seed
+    again = write_synthetic_studies(tmp_path / "again", n_cells=2400, n_genes=400, n_studies=4, genes_per_cell=60,
+                                    n_cell_types=5, layouts=("X", "raw", "layer"), seed=3, progress=False)
+    b = anndata.read_h5ad(again[3])
+    assert (b.X != studies[3].X).nnz == 0 and b.obs.equals(studies[3].obs)
+
+
+def test_study_counts_follow_the_multinomial_profile():
+    from scldm_scale.data.synthetic import StudySampler
+
+    rng = np.random.default_rng(0)
+    sampler = StudySampler(rng.normal(0.0, 2.0, (3, 200)))
+    rows = np.repeat(np.arange(3), 3000)
+    x = sampler.sample(rows, np.full(len(rows), 150), np.random.default_rng(1))
+    assert (np.asarray(x.sum(axis=1)).ravel() == 150).all()  # every UMI lands on one gene
+    assert x.has_canonical_format  # one entry per (cell, gene), sorted
+    for r in range(3):
+        mean_g = np.asarray(x[rows == r].mean(axis=0)).ravel()
+        np.testing.assert_allclose(mean_g, 150 * sampler.p_rg[r], atol=0.25)
+    assert abs(x.getnnz(axis=1).mean() - sampler.expected_genes(150)) < 1.0

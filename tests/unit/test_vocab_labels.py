@@ -26,6 +26,20 @@ def test_vocab_round_trip_and_index_map(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["vocab.json"]  # no temp file left
 
 
+def test_vocab_keeps_gene_symbols(tmp_path):
+    vocab = GeneVocab(["ENSG1", "ENSG2", "ENSG3"], symbols=["TP53", None, "CD4"])
+    assert vocab.symbols == ["TP53", "", "CD4"]
+    vocab.save(tmp_path / "vocab.json")
+    assert json.loads((tmp_path / "vocab.json").read_text())["gene_symbols"] == ["TP53", "", "CD4"]
+    assert GeneVocab.load(tmp_path / "vocab.json").symbols == ["TP53", "", "CD4"]
+    plain = GeneVocab(["a", "b"])
+    plain.save(tmp_path / "plain.json")
+    assert plain.symbols is None and "gene_symbols" not in json.loads((tmp_path / "plain.json").read_text())
+    assert GeneVocab(["a", "b"], symbols=[None, ""]).symbols is None  # no symbol known: none kept
+    with pytest.raises(ScldmError, match="2 gene symbols for 3 gene ids"):
+        GeneVocab(["a", "b", "c"], symbols=["x", "y"])
+
+
 def test_vocab_errors(tmp_path):
     with pytest.raises(ScldmError, match="duplicate"):
         GeneVocab(["g1", "g2", "g1"])

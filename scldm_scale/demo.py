@@ -8,7 +8,6 @@ per-cell-type marginals). Ends with a table and a verdict.
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
@@ -16,7 +15,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from scldm_scale.api.model import ScLDM
+from scldm_scale.data.synthetic import write_synthetic_atlas
+from scldm_scale.data.validate import resolve_shards
 from scldm_scale.errors import ScldmError
+from scldm_scale.eval.baselines import independent_genes_baseline, real_vs_real_split
+from scldm_scale.eval.evaluate import compare, format_table
+from scldm_scale.io import write_h5ad_atomic, write_json_atomic
+from scldm_scale.config import resolve_recipe
 
 METRICS = ("w2", "mmd", "fd", "nn1", "knn_acc/cell_type")
 N_PCS = 10  # the leading PCs carry the biological structure; the rest is mostly sampling noise
@@ -37,22 +43,15 @@ def torchrun(nproc: int, args: Sequence[str]) -> list[str]:
 
 
 def run_demo(out: str, n_cells: int = 8000, n_genes: int = 1000, nproc: int = 2,
-             recipe: str = "recipes/quickstart.yaml", overrides: Sequence[str] = ()) -> bool:
+             recipe: str = "quickstart", overrides: Sequence[str] = ()) -> bool:
     import anndata as ad
-
-    from scldm_scale.data.synthetic import write_synthetic_atlas
-    from scldm_scale.data.validate import resolve_shards
-    from scldm_scale.eval.baselines import independent_genes_baseline, real_vs_real_split
-    from scldm_scale.eval.evaluate import compare, format_table
-    from scldm_scale.tasks.generate import conditions_matching, generate
 
     t0 = time.perf_counter()
     out_dir = Path(out)
     data = out_dir / "data"
-    ldm_recipe = str(Path(recipe).with_name(Path(recipe).stem + "_ldm.yaml"))
-    for path in (recipe, ldm_recipe):
-        if not Path(path).is_file():
-            raise ScldmError(f"{path}: recipe not found; run the demo from the repository root or pass --recipe")
+    vae_path = resolve_recipe(recipe)  # a file, or a shipped recipe's name (works outside the repository)
+    recipe = str(vae_path)
+    ldm_recipe = str(resolve_recipe(vae_path.with_name(vae_path.stem + "_ldm.yaml")))
 
     if not (data / "metadata.json").is_file():
         print(f"[1/6] synthetic atlas: {n_cells} cells x {n_genes} genes -> {data}", flush=True)
@@ -77,17 +76,16 @@ def run_demo(out: str, n_cells: int = 8000, n_genes: int = 1000, nproc: int = 2,
     print("[5/6] generate cells matching the held-out label proportions", flush=True)
     heldout = ad.read_h5ad(data / "heldout.h5ad")
     reference, real_b = real_vs_real_split(heldout, seed=0)
-    conditions = conditions_matching(str(data / "heldout.h5ad"), ["cell_type"], n_cells=real_b.n_obs)
-    generated_path = out_dir / "generated.h5ad"
-    generate(str(out_dir / "ldm"), conditions, str(generated_path), seed=0)
-    generated = ad.read_h5ad(generated_path)
+    model = ScLDM.load(out_dir / "ldm")
+    generated = model.generate(obs=heldout.obs[["cell_type"]], n_cells=real_b.n_obs, seed=0)
+    write_h5ad_atomic(generated, out_dir / "generated.h5ad")
     train_cells = ad.concat([ad.read_h5ad(p) for p in resolve_shards(str(data))[:2]])
     naive = independent_genes_baseline(train_cells, "cell_type", generated.obs[["cell_type"]], seed=0)
 
     print("[6/6] evaluate against held-out cells", flush=True)
     results = compare(reference, {"real vs real (floor)": real_b, "scldm-scale": generated,
                                   "independent genes": naive}, label_keys=["cell_type"], n_pcs=N_PCS)
-    (out_dir / "demo_results.json").write_text(json.dumps(results, indent=2, default=float))
+    write_json_atomic(out_dir / "demo_results.json", results, indent=2)
     print()
     print(f"held-out reference: {reference.n_obs} cells; normalize total, log1p, HVGs and {N_PCS} PCs fitted on it")
     print(format_table(results, keys=METRICS))

@@ -264,7 +264,6 @@ def _plot_axis(fits: list[FitRow], x: str, out: Path) -> Path | None:
         else:
             ax.plot([], [], color=color, marker="o", linestyle="", label=label + ": too few points to fit")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel(X_TITLE.get(x, x))
     metrics = sorted({f.metric for f in chosen})
     ax.set_ylabel(" / ".join(METRIC_TITLE.get(m, m) for m in metrics))
@@ -305,7 +304,6 @@ def _plot_compute(df: pd.DataFrame, frontier: pd.DataFrame, fit: PowerLawFit | N
         ax.plot(grid_x, fit.law(grid_x), color="black",
                 label=f"frontier fit: alpha {fit.law.alpha:.3g} [{a_lo:.3g}, {a_hi:.3g}]")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel(X_TITLE["flops"])
     ax.set_ylabel(METRIC_TITLE.get(metric, metric))
     ax.legend(fontsize=7)

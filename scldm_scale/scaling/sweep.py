@@ -411,6 +411,7 @@ def run_local(sweeps: list[PlannedSweep], nproc: int, only: str = "") -> int:
                                   seed=int(spec.get("seed", 0)), progress=False)
     forwarder = _Forwarder()
     statuses: dict[str, int] = {}
+    sweep_start = time.perf_counter()
     try:
         total = len(selected)
         for i, (sweep, run) in enumerate(selected, 1):
@@ -439,7 +440,7 @@ def run_local(sweeps: list[PlannedSweep], nproc: int, only: str = "") -> int:
     finally:
         forwarder.close()
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
-    _say(f"sweep: {summary}")
+    _say(f"sweep: {summary} ({(time.perf_counter() - sweep_start) / 60:.1f} min)")
     unfinished = sum(n for s, n in statuses.items() if s not in ("done", "finished", "same_as"))
     return 1 if unfinished else 0
 

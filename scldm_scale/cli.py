@@ -1,4 +1,5 @@
-"""`scldm-scale`: prepare data, train both stages, encode, generate, transfer, evaluate, export, demo.
+"""`scldm-scale`: prepare data, train both stages, encode, generate, transfer, evaluate, export, sweep,
+report, demo.
 
 Training is launched by torchrun / the deepspeed launcher (one process per device) or runs as a
 single process::
@@ -86,9 +87,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    recipes, overrides = _split_recipes(args.items)
+    if args.dry_run:
+        from scldm_scale.scaling.plan import dry_run
+
+        print(dry_run(recipes, overrides))
+        return
     from scldm_scale.config import load_config
 
-    recipes, overrides = _split_recipes(args.items)
     cfg = load_config(recipes, overrides)
     if args.print_config:
         from omegaconf import OmegaConf
@@ -210,6 +216,26 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {recipe_summary(resolve_recipe(name))}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from scldm_scale.scaling.sweep import sweep
+
+    grids, overrides = _split_recipes(args.items)
+    if not grids:
+        raise ScldmError("sweep: give at least one grid YAML (e.g. recipes/scaling/width.yaml)")
+    status = sweep(grids, args.out, launcher=args.launcher, nproc=args.nproc_per_node, extra=overrides, only=args.run,
+                   time_limit=args.time, sbatch_options=args.sbatch_option or [], python=args.python)
+    if status:
+        sys.exit(status)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from scldm_scale.scaling.report import report
+
+    path = report(args.dirs, out=args.out, wandb_csv=args.wandb_csv or [], n_boot=args.bootstrap, level=args.level,
+                  seed=args.seed, method=args.bootstrap_method)
+    print(f"report: {path}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from scldm_scale.demo import run_demo
 
@@ -305,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
              "  torchrun --standalone --nproc_per_node=2 -m scldm_scale.cli train recipes/quickstart.yaml\n"
              "  scldm-scale train recipes/quickstart.yaml recipes/quickstart_ldm.yaml train.max_steps=2000\n"
              "  scldm-scale train recipes/quickstart.yaml run.resume=true\n"
-             "  scldm-scale train recipes/quickstart.yaml data.batch_size=128 --print-config",
+             "  scldm-scale train recipes/quickstart.yaml data.batch_size=128 --print-config\n"
+             "  scldm-scale train recipes/census.yaml --dry-run",
              description="Train a stage. Recipes merge left to right, then key=value overrides. A fresh run "
                          "into a run directory that holds a run is an error: pass run.resume=true to continue "
                          "it or run.overwrite=true to replace it.")
@@ -314,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the merged config (recipes, presets, overrides) and exit without training; "
                         "values from the data are filled at start-up")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read no data and train nothing: resolve the recipes for the data and GPUs of their plan: "
+                        "section and print the run plan (sizes, parameters, FLOPs per cell, steps, cells, GPU-hours "
+                        "at plan.mfu, data rate, disk) (e.g. scldm-scale train recipes/census.yaml --dry-run)")
     p.set_defaults(func=cmd_train)
 
     p = _sub(sub, "encode", "latents of a dataset with a trained VAE: a latent cache for stage 2, or obsm of an .h5ad",
@@ -395,6 +426,62 @@ def build_parser() -> argparse.ArgumentParser:
              "  scldm-scale export runs/my-vae")
     p.add_argument("run", help="run directory (e.g. runs/my-vae)")
     p.set_defaults(func=cmd_export)
+
+    p = _sub(sub, "sweep", "expand scaling grids into runs; train them here, write a SLURM array, or print the commands",
+             "  OMP_NUM_THREADS=1 scldm-scale sweep recipes/scaling/width.yaml --out runs/scaling/width\n"
+             "  scldm-scale sweep recipes/scaling/width.yaml recipes/scaling/data_size.yaml --out runs/scaling\n"
+             "  scldm-scale sweep recipes/scaling/width.yaml train.cells=2048 --out runs/trial   # overrides before the options\n"
+             "  scldm-scale sweep recipes/scaling/width.yaml --out /shared/sweeps/width --launcher slurm --nproc-per-node 8",
+             description="Expand grids (recipes/scaling/*.yaml) into one resolved recipe per run and train them one "
+                         "after another, write a SLURM array, or print the commands. Finished runs are skipped and "
+                         "interrupted ones resume: the same command continues a sweep. Each run records its "
+                         "parameters, FLOPs, cells seen, wall time and held-out metrics (result.json).")
+    p.add_argument("items", nargs="+", metavar="GRID.yaml|key=value",
+                   help="grid YAMLs, then key=value overrides applied to every run, all before the options "
+                        "(e.g. recipes/scaling/width.yaml train.log_every=50)")
+    p.add_argument("--out", required=True,
+                   help="sweep folder for one grid; with several grids, one sub-folder per grid "
+                        "(e.g. --out runs/scaling)")
+    p.add_argument("--launcher", choices=["local", "slurm", "print"], default="local",
+                   help="local: train the runs here, one after another (default); slurm: write OUT/slurm/*.sbatch "
+                        "and submit.sh; print: print the commands (e.g. --launcher slurm)")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="processes (GPUs) per run: 1 = a single process, N > 1 = torchrun --standalone "
+                        "(e.g. --nproc-per-node 8; default 1)")
+    p.add_argument("--run", default="",
+                   help="only this run, NAME or GRID/NAME, as a SLURM array task does "
+                        "(e.g. --run width/vae-d_model32-s0)")
+    p.add_argument("--time", default="24:00:00",
+                   help="slurm: time limit of each array task (e.g. --time 04:00:00; default 24:00:00)")
+    p.add_argument("--sbatch-option", action="append", metavar="OPTION",
+                   help="slurm: an extra #SBATCH line, repeatable (e.g. --sbatch-option=--partition=gpu)")
+    p.add_argument("--python", default=sys.executable,
+                   help="slurm: the interpreter on the compute nodes (e.g. --python .venv/bin/python; "
+                        "default: this one)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = _sub(sub, "report", "sweep results -> table (CSV, Parquet), power-law fits with intervals, plots, summary",
+             "  scldm-scale report runs/scaling                     # -> runs/scaling/report/summary.md\n"
+             "  scldm-scale report runs/scaling/width runs/scaling/data_size --out reports/scaling\n"
+             "  scldm-scale report --wandb-csv wandb_export.csv --out reports/wandb",
+             description="Collect finished sweep runs (or a W&B CSV export of them) into one table, fit "
+                         "L = a * X^(-alpha) + c per axis and along the compute frontier with bootstrap intervals, "
+                         "draw the plots and write summary.md.")
+    p.add_argument("dirs", nargs="*", metavar="DIR",
+                   help="sweep folders, the --out of `scldm-scale sweep` (e.g. runs/scaling)")
+    p.add_argument("--out", help="report folder (e.g. --out reports/scaling; default DIR/report for one DIR)")
+    p.add_argument("--wandb-csv", action="append", metavar="FILE",
+                   help="a W&B runs-table CSV export of sweep runs, repeatable; columns as described in "
+                        "scldm_scale/scaling/report.py read_wandb_csv (e.g. --wandb-csv wandb_export.csv)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap refits per fit (e.g. --bootstrap 2000; default 1000)")
+    p.add_argument("--bootstrap-method", choices=["residuals", "cases"], default="residuals",
+                   help="resample residuals around the fit (default) or runs within each X value, which needs "
+                        ">= 2 seeds per point (e.g. --bootstrap-method cases)")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="coverage of the intervals (e.g. --level 0.9; default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (e.g. --seed 1)")
+    p.set_defaults(func=cmd_report)
 
     p = _sub(sub, "demo", "synthetic atlas -> VAE -> latents -> LDM -> generate -> evaluate, on CPU in minutes",
              "  scldm-scale demo --out runs/demo --strict\n  scldm-scale demo --cells 2000 --genes 300 train.max_steps=50")

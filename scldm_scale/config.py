@@ -10,6 +10,7 @@ their empty defaults in recipes and filled in one place, :func:`derive`.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -77,6 +78,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # length of the run (and of the LR schedule)
+    # cell budget: > 0 sets max_steps = ceil(cells / global batch), global batch = data.batch_size x
+    # grad_accum x world size (see derive_sizes); 0 = max_steps as given
+    cells: int = 0
     stop_at_step: int = 0  # if > 0: checkpoint and stop after this step (a planned interruption)
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -133,6 +137,34 @@ class LoggingConfig:
 
 
 @dataclass
+class ScaleConfig:
+    """Size knobs (applied by :func:`derive_sizes`): a width sets the heads at a fixed head width.
+
+    ``vae.n_heads: 0`` means ``vae.d_model / vae_head_dim``, ``dit.n_heads: 0`` means
+    ``dit.d_model / dit_head_dim``; the MLP widths follow the model width through ``mlp_ratio``.
+    """
+
+    vae_head_dim: int = 16
+    dit_head_dim: int = 32
+
+
+@dataclass
+class PlanConfig:
+    """Expected data and hardware for the run plan of ``scldm-scale train --dry-run`` (reads no data).
+
+    Training ignores this section; the vocabulary size and label tables then come from the data.
+    """
+
+    n_genes: int = 0  # vocabulary size (0: read data.vocab_path / <data.path>/vocab.json if it exists)
+    dataset_cells: int = 0  # training cells the data selects (for epochs and the latent cache size)
+    genes_per_cell: float = 0.0  # mean expressed (nonzero) in-vocabulary genes per cell, before data.max_genes
+    label_cardinalities: list[int] = field(default_factory=list)  # categories per data.label_columns entry
+    nodes: int = 1
+    gpus_per_node: int = 1
+    mfu: float = 0.3  # model FLOPs utilization assumed for the time estimate (peak: logging.peak_tflops)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +177,8 @@ class Config:
     flow: FlowConfig = field(default_factory=FlowConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,10 +334,46 @@ def run_dir(cfg: DictConfig | Config) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+def derive_sizes(cfg: DictConfig, world_size: int | None = None) -> DictConfig:
+    """Apply the size knobs: heads from the widths, steps from the cell budget.
+
+    - ``vae.n_heads: 0`` -> ``vae.d_model / scale.vae_head_dim`` (``dit`` likewise with
+      ``scale.dit_head_dim``): one axis (the width) moves, the head width stays fixed.
+    - ``train.cells > 0`` -> ``train.max_steps = ceil(cells / (data.batch_size x train.grad_accum x
+      world_size))``; ``world_size`` defaults to ``WORLD_SIZE`` of the environment (1 when unset).
+    """
+    for section, head_key in (("vae", "vae_head_dim"), ("dit", "dit_head_dim")):
+        if int(cfg[section].n_heads) != 0:
+            continue
+        width, head_dim = int(cfg[section].d_model), int(cfg.scale[head_key])
+        if head_dim <= 0 or width % head_dim:
+            raise ScldmError(f"{section}.n_heads=0 derives the heads from {section}.d_model={width} and "
+                             f"scale.{head_key}={head_dim}, but {width} is not a positive multiple of {head_dim}; "
+                             f"pick a multiple or set {section}.n_heads")
+        cfg[section].n_heads = width // head_dim
+    cells = int(cfg.train.cells)
+    if cells < 0:
+        raise ScldmError(f"train.cells={cells}: the cell budget must be >= 0 (0 = use train.max_steps)")
+    if cells > 0:
+        world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
+        batch = global_batch(cfg, world)
+        if batch <= 0:
+            raise ScldmError(f"train.cells={cells} needs a positive global batch (data.batch_size x train.grad_accum "
+                             f"x world size = {batch}); fix data.batch_size / train.grad_accum")
+        cfg.train.max_steps = math.ceil(cells / batch)
+    return cfg
+
+
+def global_batch(cfg: DictConfig | Config, world_size: int) -> int:
+    """Cells per optimizer step: ``data.batch_size x train.grad_accum x world_size``."""
+    return int(cfg.data.batch_size) * int(cfg.train.grad_accum) * int(world_size)
+
+
 def derive(cfg: DictConfig, *, n_genes: int | None = None, label_cardinalities: Sequence[int] | None = None,
-           vae: VAEConfig | None = None, log_library: tuple[float, float] | None = None) -> DictConfig:
+           vae: VAEConfig | None = None, log_library: tuple[float, float] | None = None,
+           world_size: int | None = None) -> DictConfig:
     """Fill data-dependent fields: vocabulary size, label cardinalities, log library size mean and
-    std, latent shape, per-attribute lists."""
+    std, latent shape, per-attribute lists; then the size knobs (:func:`derive_sizes`)."""
     if n_genes is not None:
         cfg.vae.n_genes = int(n_genes)
     if log_library is not None:
@@ -330,4 +400,4 @@ def derive(cfg: DictConfig, *, n_genes: int | None = None, label_cardinalities: 
         cfg.vae = OmegaConf.merge(cfg.vae, OmegaConf.structured(vae))
         cfg.dit.n_tokens = vae.n_latent_tokens
         cfg.dit.d_in = vae.d_latent
-    return cfg
+    return derive_sizes(cfg, world_size)

@@ -1,0 +1,1 @@
+"""Scaling studies: grids of runs, the sweep that trains and measures them, power-law fits and the report."""

@@ -30,24 +30,26 @@ def _run(cmd, cwd, env=None, timeout=900):
 
 
 def test_wheel_installs_outside_the_repository_and_runs_the_demo(tmp_path):
+    # nothing of the repository on the path (pip would take an importable source tree for an install)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(REPO)], cwd=tmp_path)
+    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(REPO)], cwd=tmp_path,
+         env=env)
     (wheel,) = dist.glob("scldm_scale-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "scldm_scale/recipes/quickstart.yaml" in names and "scldm_scale/api/model.py" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path, env=env)
     py = venv / "bin" / "python"
     venv_site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          cwd=tmp_path).stdout.strip())
+                          cwd=tmp_path, env=env).stdout.strip())
     (venv_site / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
+    _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path, env=env)
 
     user = tmp_path / "user"
     user.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     where = _run([str(py), "-c", "import scldm_scale; print(scldm_scale.__file__)"], cwd=user, env=env).stdout
     assert where.strip().startswith(str(venv)), where  # the installed copy, not the repository

@@ -17,8 +17,10 @@ Stages, each one what a user runs (``python -m scldm_scale.cli ...``, one proces
 7. ``attention``: the attention calls of both models at the check's shapes (batch, heads, latent
    tokens, the atlas's expressed genes per cell), forward + backward, timed with the kernel that
    :func:`scldm_scale.nn.attention.choose_kernel` picks and with plain SDPA over the padded batch with
-   a mask (``Kernel.SDPA_MASK``); the speedup is the ratio of their summed times over one forward of
-   both models (each site weighted by its calls per forward), and the two outputs are compared.
+   a mask (``Kernel.SDPA_MASK``); the speedup is the ratio of their total times over the attention
+   calls of one training step of both models (each site times its calls per forward), and the two
+   outputs are compared. Until ``scldm_scale.nn.attention`` has the kernel override
+   (``attention(..., kernel=Kernel.X)``, ``choose_kernel``) the speedup is reported as unavailable.
 
 Training figures come from the trainer's ``metrics.jsonl`` (``cells_per_s``, ``tokens_per_s``,
 ``mfu``, ``peak_mem_gib``): the median over the logged windows after the first (which holds
@@ -78,8 +80,9 @@ class Scale:
     generate_args: tuple[str, ...] = ()
 
 
+# generate decodes all 4,000 genes of a block of cells at once (fp32): 512 cells keep that near 4 GiB a tensor
 GPU = Scale(cells=30_000, genes=4_000, shards=8, heldout_fraction=0.1, generate_cells=2_000, encode_batch=1024,
-            generate_batch=1024, attention_iters=20)
+            generate_batch=512, attention_iters=20)
 # Tiny sizes for CPU: more genes than evaluate's 2,000 HVGs, so the HVG selection runs as on real data.
 CPU_SMOKE = Scale(
     cells=480, genes=2_100, shards=2, heldout_fraction=0.25, generate_cells=120, encode_batch=128,
@@ -270,6 +273,11 @@ def time_site(attn, site: AttentionSite, device: torch.device, dtype: torch.dtyp
     n, h, d = site.n, site.heads, site.head_dim
     lq, lk = max(site.q_len_n), max(site.k_len_n)
     q_mask_nl, k_mask_nl = _lengths_mask(site.q_len_n, device), _lengths_mask(site.k_len_n, device)
+    q_rows = q_mask_nl.flatten().nonzero().squeeze(1)  # (Q,) real query rows of the padded layout
+
+    def real_rows(out_nlhd: torch.Tensor) -> torch.Tensor:  # (n, Lq, h, d) -> (Q, h, d), no host sync
+        rows = out_nlhd.reshape(n * lq, h, d)
+        return rows.index_select(0, q_rows) if site.q_varies else rows
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype)
@@ -293,7 +301,7 @@ def time_site(attn, site: AttentionSite, device: torch.device, dtype: torch.dtyp
 
         def chosen():
             out = attn.attend(*leaves, key_bias=b_in, q_pack=q_pack, k_pack=k_pack, kernel=kernel)
-            return out if q_pack is not None else out[q_mask_nl]  # (Q, h, d) real query rows
+            return out if q_pack is not None else real_rows(out)  # (Q, h, d)
     else:
         mask = k_mask_nl if site.k_varies else None
         kernel = attn.choose_kernel(device.type, dtype, d, packed=False, masked=mask is not None,
@@ -302,17 +310,17 @@ def time_site(attn, site: AttentionSite, device: torch.device, dtype: torch.dtyp
 
         def chosen():
             out_nhld = attn.attention(*leaves, mask, bias_nl, kernel=kernel)
-            return out_nhld.transpose(1, 2)[q_mask_nl]  # (Q, h, d)
+            return real_rows(out_nhld.transpose(1, 2))  # (Q, h, d)
 
     base_leaves = [t.transpose(1, 2).detach().requires_grad_() for t in (q_nlhd, k_nlhd, v_nlhd)]  # (n, h, L, d)
 
     def baseline():
         out_nhld = attn.attention(*base_leaves, k_mask_nl, bias_nl, kernel=attn.Kernel.SDPA_MASK)
-        return out_nhld.transpose(1, 2)[q_mask_nl]  # (Q, h, d)
+        return real_rows(out_nhld.transpose(1, 2))  # (Q, h, d)
 
     with torch.no_grad():
         diff = float((chosen().float() - baseline().float()).abs().max())
-    grad = torch.randn(int(q_mask_nl.sum()), h, d, generator=gen).to(device, dtype)
+    grad = torch.randn(q_rows.numel(), h, d, generator=gen).to(device, dtype)
 
     def step(fn, params):
         for p in params:
@@ -376,7 +384,7 @@ def print_table(stages: list[Stage]) -> None:
     print(f"{'stage':<10} {'wall s':>8} {'cells/s':>10} {'tokens/s':>12} {'MFU':>7} {'peak GiB':>9}")
     for s in stages:
         f = s.figures
-        mfu = _fmt(100 * f["mfu"], ".1f") + "%" if f.get("mfu") is not None else "-"
+        mfu = _fmt(100 * f["mfu"], ".3g") + "%" if f.get("mfu") is not None else "-"
         mem = _fmt(f.get("peak_mem_gib"), ".2f")
         if f.get("peak_mem_kind") == "host RSS":
             mem += " (RSS)"

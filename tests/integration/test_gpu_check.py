@@ -3,6 +3,8 @@ and the refusal to run the GPU check without a GPU."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -70,3 +72,20 @@ def test_cpu_smoke_runs_every_stage_and_ends_with_the_json_line(tmp_path):
     else:
         assert result["attention_speedup"] is None and "kernel" in result["attention_unavailable"]
     assert "fused vs SDPA" in proc.stdout or "attention speedup: unavailable" in proc.stdout
+
+
+def test_a_failing_stage_is_named_in_the_json_line_and_stops_the_check(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    scale = dataclasses.replace(module.CPU_SMOKE, cells=100, vae_overrides=(*module.CPU_SMOKE.vae_overrides,
+                                                                            "train.max_stepz=3"))
+    result, stages = module.run_check(tmp_path, scale, smoke=True)
+    assert result["ok"] is False and result["failed_stage"] == "vae" and result["error"].startswith("exit 2")
+    assert [s.name for s in stages if s.wall_s > 0] == ["data", "vae"]
+    assert result["vae_cells_per_s"] is None and result["generate_cells_per_s"] is None
+    assert result["attention_speedup"] is None and "attention_sites" not in result
+    log = (tmp_path / "logs" / "vae.log").read_text()
+    assert "unknown config key 'train.max_stepz'" in log and "train.max_steps" in log
+    assert "unknown config key" in capsys.readouterr().out  # the log's last lines are shown

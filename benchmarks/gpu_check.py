@@ -373,15 +373,16 @@ def _versions() -> dict:
     return out
 
 
-def _fmt(value, spec: str = ",.0f", missing: str = "-") -> str:
+def _fmt(value, spec: str = "", missing: str = "-") -> str:
+    """``value`` with ``spec``; by default thousands separators from 100 up, 3 significant digits below."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return missing
-    return format(value, spec)
+    return format(value, spec or (",.0f" if abs(value) >= 100 else ".3g"))
 
 
 def print_table(stages: list[Stage]) -> None:
     print()
-    print(f"{'stage':<10} {'wall s':>8} {'cells/s':>10} {'tokens/s':>12} {'MFU':>7} {'peak GiB':>9}")
+    print(f"{'stage':<10} {'wall s':>8} {'cells/s':>10} {'tokens/s':>12} {'MFU':>9} {'peak GiB':>9}")
     for s in stages:
         f = s.figures
         mfu = _fmt(100 * f["mfu"], ".3g") + "%" if f.get("mfu") is not None else "-"
@@ -390,7 +391,7 @@ def print_table(stages: list[Stage]) -> None:
             mem += " (RSS)"
         status = "" if s.ok else "  FAILED"
         print(f"{s.name:<10} {s.wall_s:>8.1f} {_fmt(f.get('cells_per_s')):>10} {_fmt(f.get('tokens_per_s')):>12} "
-              f"{mfu:>7} {mem:>9}{status}")
+              f"{mfu:>9} {mem:>9}{status}")
 
 
 def _finite(value) -> bool:

@@ -195,9 +195,14 @@ def check(folder: Path, pins: list[Pin]) -> int:
     return 1 if errors else 0
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+def _run(cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> None:
+    """Run ``cmd``; with ``quiet`` its output is shown only when it fails."""
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env, cwd=cwd)
+    proc = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
+    if proc.returncode != 0:
+        if quiet:
+            print(proc.stdout[-8000:] + proc.stderr[-8000:], file=sys.stderr)
+        raise SystemExit(f"error: failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
 def build(folder: Path, pins: list[Pin]) -> int:
@@ -210,7 +215,7 @@ def build(folder: Path, pins: list[Pin]) -> int:
         return 2
     for old in folder.glob("*.whl"):
         old.unlink()
-    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(folder), str(REPO)])
+    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(folder), str(REPO)], quiet=True)
     shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' staging folder
     download = [f"{p.name}=={p.version}" for p in pins if not p.build]
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]

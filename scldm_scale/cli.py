@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from typing import Sequence
 
@@ -151,11 +152,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         conditions += read_conditions_file(args.conditions)
     model = ScLDM.load(args.ldm_run, device=args.device, ema=not args.no_ema)
     obs = read_obs(args.match) if args.match else None
+    t0 = time.perf_counter()
     gen = model.generate(conditions, obs=obs, n_cells=args.n_cells if args.match else None, seed=args.seed,
                          batch_size=args.batch_size, progress=not args.quiet, **_sampler_overrides(args))
+    seconds = time.perf_counter() - t0
     if gen is not None:  # rank 0
         write_h5ad_atomic(gen, args.out)
-        print(f"wrote {gen.n_obs} cells to {args.out}")
+        print(f"wrote {gen.n_obs} cells to {args.out} (generated in {seconds:.2f} s, "
+              f"{gen.n_obs / max(seconds, 1e-9):,.0f} cells/s)")
     comm.barrier()
 
 

@@ -275,7 +275,8 @@ class StatefulLoader:
     """
 
     def __init__(
-        self, dataset, num_workers: int = 0, pin_memory: bool = False, multiprocessing_context: str | None = None
+        self, dataset, num_workers: int = 0, pin_memory: bool = False, multiprocessing_context: str | None = None,
+        pad: bool = True,
     ) -> None:
         if num_workers < 0:
             raise ScldmError(f"data.num_workers={num_workers}: must be >= 0")
@@ -283,6 +284,7 @@ class StatefulLoader:
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
         self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+        self.pad = pad  # False: token batches stay packed (tokenize.COMPACT_KEYS), as the VAE trains on them
         self.epoch = 0
         self.batches_consumed = 0
 
@@ -312,7 +314,7 @@ class StatefulLoader:
             self.dataset.set_epoch(self.epoch)
             self.dataset.load_state_dict({"epoch": self.epoch, "batches_consumed": self.batches_consumed})
             # workers send compact token batches (a fraction of the bytes through shared memory)
-            compact = self.num_workers > 0 and hasattr(self.dataset, "compact_batches")
+            compact = (self.num_workers > 0 or not self.pad) and hasattr(self.dataset, "compact_batches")
             loader = DataLoader(
                 self.dataset,
                 batch_size=None,
@@ -330,9 +332,9 @@ class StatefulLoader:
                     self.dataset.compact_batches = False
             for batch in batches:
                 if "length_n" in batch:
-                    batch = pad_token_batch(batch)
+                    batch = pad_token_batch(batch) if self.pad else batch
                     if self.pin_memory:
-                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                        batch = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in batch.items()}
                 self.batches_consumed += 1
                 yield batch
             if self.batches_consumed != n_batches:

@@ -71,7 +71,8 @@ class Trainer:
         self.generator = torch.Generator(device=self.dist.device).manual_seed(int(cfg.run.seed) * 7919 + self.rank)
         from scldm_scale.data.loader import StatefulLoader
 
-        self.loader = StatefulLoader(self.stage.build_dataset(), num_workers=int(cfg.data.num_workers))
+        self.loader = StatefulLoader(self.stage.build_dataset(), num_workers=int(cfg.data.num_workers),
+                                     pad=getattr(self.stage, "padded_batches", True))
         self.step = 0
         if self.resume:
             self._resume()

@@ -2,26 +2,60 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scldm_scale.nn.attention import MultiheadAttention
 from scldm_scale.nn.packing import Packing
 
 
+def rowwise(fn: Callable[[Tensor], Tensor], x_rd: Tensor, chunk_rows: int) -> Tensor:
+    """``fn`` of a row-wise computation applied to packed rows ``(R, d)`` in chunks of ``chunk_rows``
+    rows (all at once when 0, or for other layouts). Chunks keep the temporary buffers of the
+    forward and backward passes small; the result is the same."""
+    if chunk_rows <= 0 or x_rd.dim() != 2 or x_rd.shape[0] <= chunk_rows:
+        return fn(x_rd)
+    return torch.cat([fn(x_cd) for x_cd in x_rd.split(chunk_rows)])  # (R, ...)
+
+
+class GeluLinear(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` that keeps only ``h`` for the backward pass and recomputes
+    the GELU there (one pointwise op): the MLP's saved activations shrink by its widest tensor."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        h, weight = ctx.saved_tensors
+        grad_h = grad_w = grad_b = None
+        grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])  # (rows, d_out)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_y2.T @ F.gelu(h).reshape(-1, h.shape[-1])  # (d_out, d_hidden)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_y2.sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.ops.aten.gelu_backward(grad_y @ weight, h)  # (..., d_hidden)
+        return grad_h, grad_w, grad_b
+
+
 class MLP(nn.Module):
-    """Two-layer GELU MLP."""
+    """Two-layer GELU MLP (the GELU recomputed in the backward pass, see :class:`GeluLinear`)."""
 
     def __init__(self, d_model: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
         super().__init__()
         d_hidden = int(d_model * mlp_ratio)
         self.fc1 = nn.Linear(d_model, d_hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(d_hidden, d_model)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_nqd: Tensor) -> Tensor:
-        return self.dropout(self.fc2(self.act(self.fc1(x_nqd))))  # (n, q, d)
+        return self.dropout(GeluLinear.apply(self.fc1(x_nqd), self.fc2.weight, self.fc2.bias))  # (n, q, d)
 
 
 class MCAB(nn.Module):
@@ -35,6 +69,8 @@ class MCAB(nn.Module):
     ``key_mask_nk`` instead. ``query_mask_nq`` (bool, True = real query) leaves masked query rows
     at their attention output (no MLP update). With ``q_index`` the query stream is a table whose
     rows ``q_index`` are the queries: its norm and q projection run once per table row.
+    ``chunk_rows`` > 0 runs the MLP on packed query rows in chunks of that many rows (the same
+    result; smaller temporary buffers in the forward and backward passes).
     """
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
@@ -48,13 +84,13 @@ class MCAB(nn.Module):
     def forward(self, q_nqd: Tensor, kv_nkd: Tensor, key_mask_nk: Tensor | None = None,
                 key_bias_nk: Tensor | None = None, query_mask_nq: Tensor | None = None,
                 q_pack: Packing | None = None, kv_pack: Packing | None = None,
-                q_index: Tensor | None = None) -> Tensor:
+                q_index: Tensor | None = None, chunk_rows: int = 0) -> Tensor:
         attn = self.attn(self.ln_q(q_nqd), self.ln_kv(kv_nkd), key_mask_nk, key_bias_nk, q_pack, kv_pack,
                          q_index)  # (n, q, d) or packed (Q, d)
         if q_index is not None:  # q_nqd was a table of query features: the queries are its rows q_index
             q_nqd = q_nqd[q_index]  # (n, q, d) or (Q, d)
         q_nqd = q_nqd + attn  # (n, q, d) or (Q, d)
-        out_nqd = q_nqd + self.mlp(self.ln_mlp(q_nqd))  # (n, q, d) or (Q, d)
+        out_nqd = rowwise(lambda x_cd: x_cd + self.mlp(self.ln_mlp(x_cd)), q_nqd, chunk_rows)  # (n, q, d) or (Q, d)
         if query_mask_nq is None:
             return out_nqd
         return torch.where(query_mask_nq.unsqueeze(-1), out_nqd, q_nqd)  # (n, q, d)

@@ -54,8 +54,9 @@ class VAEConfig:
     variational: bool = False  # diagonal Gaussian posterior (KL weight lives in the training config)
     log_library_loc: float = 0.0  # mean and std of log library size in the data (filled from data):
     log_library_scale: float = 1.0  # the library head predicts the standardized value
-    # genes per chunk when decoding a dense gene list (all genes: evaluation, generation, or training
-    # with train.decode_genes=all, where each chunk is recomputed in the backward pass)
+    # decoding in chunks: genes per chunk of a dense gene list (all genes: evaluation, generation, or
+    # training with train.decode_genes=all, where each chunk is recomputed in the backward pass), and
+    # rows per chunk of the row-wise unpooling work (MLP, NB head) over packed (cell, gene) rows
     decode_chunk_size: int = 4096
     activation_checkpointing: bool = False  # recompute every block in the backward pass (less memory)
 
@@ -279,12 +280,16 @@ class ScVAE(nn.Module):
         """NB logits of genes given the decoder tokens: dense ``(n, c)`` gene ids (optional mask), or
         packed ``(R,)`` rows with their packing. A gene's query does not depend on the cell, so when
         there are more rows than vocabulary genes its projection is computed per gene and gathered."""
+        chunk = self.cfg.decode_chunk_size if rows is not None else 0
         if gene_ids.numel() > self.cfg.n_genes:  # more rows than genes: norm + q projection once per gene
             table_gd = self.gene_embedding.weight  # (g, d)
-            q_cd = self._block(self.unpool, table_gd, h_nmd, None, None, gene_mask, rows, None, gene_ids)
+            q_cd = self._block(self.unpool, table_gd, h_nmd, None, None, gene_mask, rows, None, gene_ids, chunk)
         else:
             q_cd = self.gene_embedding(gene_ids)  # (n, c, d) or (R, d)
-            q_cd = self._block(self.unpool, q_cd, h_nmd, None, None, gene_mask, rows, None)  # (n, c, d) or (R, d)
+            q_cd = self._block(self.unpool, q_cd, h_nmd, None, None, gene_mask, rows, None, None, chunk)
+        if chunk and q_cd.shape[0] > chunk:  # packed rows: the head in chunks too (same result)
+            return torch.cat([self.nb_logits(self.decoder_norm(u_cd), ids_c)
+                              for u_cd, ids_c in zip(q_cd.split(chunk), gene_ids.split(chunk))])  # (R,)
         return self.nb_logits(self.decoder_norm(q_cd), gene_ids)  # (n, c) or (R,)
 
     def decode(self, z_nmz: Tensor, gene_ids_nt: Tensor, gene_mask_nt: Tensor | None = None) -> dict:

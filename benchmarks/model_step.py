@@ -178,7 +178,9 @@ class Result:
     dtype: str
     steps: int = 0
     seconds: float = 0.0
-    cells_per_s: float = 0.0
+    cpu_seconds: float = 0.0  # process CPU time of the timed steps
+    cells_per_s: float = 0.0  # wall clock
+    cpu_cells_per_s: float = 0.0  # per CPU second of the process (what the step costs, whatever else runs)
     tokens_per_s: float = 0.0  # real (expressed-gene) tokens encoded per second
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float = 0.0
@@ -195,18 +197,19 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def _timed(step, batches, warmup: int, min_steps: int, seconds: float, sync) -> tuple[int, float, list[float]]:
+def _timed(step, batches, warmup: int, min_steps: int, seconds: float, sync) -> tuple[int, float, float, list[float]]:
+    """Steps run after the warm-up, their wall-clock and process CPU seconds, and every loss."""
     losses = []
     for i in range(warmup):
         losses.append(step(batches[i % len(batches)]))
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     done = 0
     while done < min_steps or (time.perf_counter() - t0 < seconds and done < 10 * min_steps):
         losses.append(step(batches[(warmup + done) % len(batches)]))
         done += 1
     sync()
-    return done, time.perf_counter() - t0, losses
+    return done, time.perf_counter() - t0, time.process_time() - c0, losses
 
 
 def worker(args) -> None:
@@ -323,9 +326,10 @@ def worker(args) -> None:
     res.params = sum(p.numel() for p in model.parameters())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    steps, seconds, losses = _timed(step, batches, args.warmup, args.min_steps, args.seconds, sync)
-    res.steps, res.seconds = steps, seconds
+    steps, seconds, cpu_seconds, losses = _timed(step, batches, args.warmup, args.min_steps, args.seconds, sync)
+    res.steps, res.seconds, res.cpu_seconds = steps, seconds, cpu_seconds
     res.cells_per_s = steps * args.batch / seconds
+    res.cpu_cells_per_s = steps * args.batch / cpu_seconds if not cuda else res.cells_per_s
     res.tokens_per_s = res.cells_per_s * res.tokens_per_cell
     res.loss_first, res.loss_last = float(losses[0]), float(losses[-1])
     res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -12,13 +12,14 @@ from scldm_scale.nn.attention import MultiheadAttention
 from scldm_scale.nn.packing import Packing
 
 
-def rowwise(fn: Callable[[Tensor], Tensor], x_rd: Tensor, chunk_rows: int) -> Tensor:
-    """``fn`` of a row-wise computation applied to packed rows ``(R, d)`` in chunks of ``chunk_rows``
-    rows (all at once when 0, or for other layouts). Chunks keep the temporary buffers of the
-    forward and backward passes small; the result is the same."""
-    if chunk_rows <= 0 or x_rd.dim() != 2 or x_rd.shape[0] <= chunk_rows:
-        return fn(x_rd)
-    return torch.cat([fn(x_cd) for x_cd in x_rd.split(chunk_rows)])  # (R, ...)
+def rowwise(fn: Callable[..., Tensor], chunk_rows: int, *rows: Tensor) -> Tensor:
+    """``fn`` of a row-wise computation on packed rows (tensors whose first axis is the row) applied
+    in chunks of ``chunk_rows`` rows (all at once when 0, or when the first tensor is not 2-D rows
+    ``(R, d)`` / 1-D ``(R,)``). Chunks keep the temporary buffers of the forward and backward
+    passes small; the result is the same."""
+    if chunk_rows <= 0 or rows[0].dim() > 2 or rows[0].shape[0] <= chunk_rows:
+        return fn(*rows)
+    return torch.cat([fn(*parts) for parts in zip(*(x.split(chunk_rows) for x in rows))])  # (R, ...)
 
 
 class GeluLinear(torch.autograd.Function):
@@ -90,7 +91,9 @@ class MCAB(nn.Module):
         if q_index is not None:  # q_nqd was a table of query features: the queries are its rows q_index
             q_nqd = q_nqd[q_index]  # (n, q, d) or (Q, d)
         q_nqd = q_nqd + attn  # (n, q, d) or (Q, d)
-        out_nqd = rowwise(lambda x_cd: x_cd + self.mlp(self.ln_mlp(x_cd)), q_nqd, chunk_rows)  # (n, q, d) or (Q, d)
+        if q_pack is None:
+            chunk_rows = 0  # (n, q, d) queries: all at once
+        out_nqd = rowwise(lambda x_cd: x_cd + self.mlp(self.ln_mlp(x_cd)), chunk_rows, q_nqd)  # (n, q, d) or (Q, d)
         if query_mask_nq is None:
             return out_nqd
         return torch.where(query_mask_nq.unsqueeze(-1), out_nqd, q_nqd)  # (n, q, d)

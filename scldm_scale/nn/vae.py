@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scldm_scale.nn.mcab import MCAB, SelfAttentionBlock
+from scldm_scale.nn.mcab import MCAB, SelfAttentionBlock, rowwise
 from scldm_scale.nn.packing import Packing
 
 
@@ -58,6 +58,7 @@ class VAEConfig:
     # training with train.decode_genes=all, where each chunk is recomputed in the backward pass), and
     # rows per chunk of the row-wise unpooling work (MLP, NB head) over packed (cell, gene) rows
     decode_chunk_size: int = 4096
+    encode_chunk_size: int = 4096  # packed tokens per chunk of the encoder's per-token embedding
     activation_checkpointing: bool = False  # recompute every block in the backward pass (less memory)
 
 
@@ -144,8 +145,9 @@ class ScVAE(nn.Module):
         if cfg.n_encoder_layers < 0 or cfg.n_decoder_layers < 0:
             raise ValueError(f"vae.n_encoder_layers / vae.n_decoder_layers must be >= 0 (got {cfg.n_encoder_layers} / "
                              f"{cfg.n_decoder_layers}); 0 means no self-attention between the MCABs")
-        if cfg.decode_chunk_size < 1:
-            raise ValueError(f"vae.decode_chunk_size must be >= 1 (got {cfg.decode_chunk_size})")
+        if cfg.decode_chunk_size < 1 or cfg.encode_chunk_size < 1:
+            raise ValueError(f"vae.decode_chunk_size / vae.encode_chunk_size must be >= 1 (got "
+                             f"{cfg.decode_chunk_size} / {cfg.encode_chunk_size})")
         self.cfg = cfg
         d, m, z = cfg.d_model, cfg.n_latent_tokens, cfg.d_latent
         blk = dict(n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
@@ -208,13 +210,19 @@ class ScVAE(nn.Module):
     def tokenize(self, gene_ids: Tensor, counts: Tensor, tokens: Packing | None = None) -> Tensor:
         """Gene embedding combined with an embedding of log1p(count) (optionally depth-normalized).
 
-        Padded ``(n, s)`` ids and counts, or packed ``(T,)`` with ``tokens``; returns ``(..., d)``.
+        Padded ``(n, s)`` ids and counts, or packed ``(T,)`` with ``tokens`` (embedded in chunks of
+        ``encode_chunk_size`` tokens); returns ``(..., d)``.
         """
-        gene_sd = self.gene_embedding(gene_ids)  # (n, s, d) or (T, d)
-        counts = counts.to(gene_sd.dtype)
+        counts = counts.to(self.gene_embedding.weight.dtype)
         if self.cfg.value_input == ValueInput.LOG1P_CP10K:
             counts = per_10k(counts, tokens)  # (n, s) or (T,)
-        value_sd = self.value_mlp(torch.log1p(counts).unsqueeze(-1))  # (n, s, d) or (T, d)
+        chunk = self.cfg.encode_chunk_size if tokens is not None else 0
+        return rowwise(self.embed_tokens, chunk, gene_ids, torch.log1p(counts))  # (n, s, d) or (T, d)
+
+    def embed_tokens(self, gene_ids: Tensor, log_values: Tensor) -> Tensor:
+        """Token embedding of genes and their (transformed) values, row by row."""
+        gene_sd = self.gene_embedding(gene_ids)  # (n, s, d) or (T, d)
+        value_sd = self.value_mlp(log_values.unsqueeze(-1))  # (n, s, d) or (T, d)
         if self.token_proj is None:  # MULTIPLY
             return gene_sd * value_sd  # (n, s, d) or (T, d)
         return self.token_proj(torch.cat([gene_sd, value_sd], dim=-1))  # (n, s, d) or (T, d)
@@ -287,10 +295,8 @@ class ScVAE(nn.Module):
         else:
             q_cd = self.gene_embedding(gene_ids)  # (n, c, d) or (R, d)
             q_cd = self._block(self.unpool, q_cd, h_nmd, None, None, gene_mask, rows, None, None, chunk)
-        if chunk and q_cd.shape[0] > chunk:  # packed rows: the head in chunks too (same result)
-            return torch.cat([self.nb_logits(self.decoder_norm(u_cd), ids_c)
-                              for u_cd, ids_c in zip(q_cd.split(chunk), gene_ids.split(chunk))])  # (R,)
-        return self.nb_logits(self.decoder_norm(q_cd), gene_ids)  # (n, c) or (R,)
+        return rowwise(lambda u_cd, ids_c: self.nb_logits(self.decoder_norm(u_cd), ids_c), chunk, q_cd,
+                       gene_ids)  # (n, c) or (R,)
 
     def decode(self, z_nmz: Tensor, gene_ids_nt: Tensor, gene_mask_nt: Tensor | None = None) -> dict:
         """Logit per requested gene and predicted log library size: ``{"logits_nt", "log_library_n"}``.

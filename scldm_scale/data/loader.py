@@ -271,7 +271,9 @@ class StatefulLoader:
     caller in the current epoch; ``load_state_dict()`` makes the next iteration skip exactly
     those, even with a different ``num_workers``. Workers use the platform's default start
     method (fork on Linux) unless ``multiprocessing_context`` is given; spawned workers work
-    too but re-import torch and cellarium at every epoch.
+    too but re-import torch and cellarium at every epoch. ``pad=False`` hands token batches over
+    packed (:data:`~scldm_scale.data.tokenize.COMPACT_KEYS`, what the VAE stage trains on) instead
+    of padded.
     """
 
     def __init__(
@@ -328,7 +330,7 @@ class StatefulLoader:
             try:
                 batches = iter(loader)  # starts the workers, which keep their copy of the flag
             finally:
-                if compact:
+                if compact and self.pad:  # without workers the dataset yields here: packed when not padding
                     self.dataset.compact_batches = False
             for batch in batches:
                 if "length_n" in batch:

@@ -2,11 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from scipy import stats
 
 from scldm_scale.config import DecodeGenes, OptimConfig, Schedule
+from scldm_scale.data.tokenize import tokenize_counts
 from scldm_scale.train.ema import EMA
 from scldm_scale.train.schedules import build_schedule
 from scldm_scale.nn.packing import Packing
@@ -91,6 +94,65 @@ def test_vae_loss_is_nb_nll_with_softmax_mean():
     packed = {"logits_r": logits.reshape(-1), "theta_r": theta.reshape(-1), "log_library_n": torch.log(library)}
     t_packed = {**t, "rows": rows, "gene_ids": t["gene_ids"].reshape(-1)}
     assert vae_loss(packed, t_packed, library, 10, 0.0, 1.0)["loss"].item() == pytest.approx(terms["loss"].item())
+
+
+def _real_batch(max_genes: int, n_cells: int = 16, n_genes: int = 1000, seed: int = 0):
+    """A compact batch of sparse Poisson-gamma cells tokenized with a max_genes cap, their dense
+    counts and rates."""
+    rng = np.random.default_rng(seed)
+    rates = rng.gamma(0.2, 3.0, (n_cells, n_genes))
+    dense = rng.poisson(rates).astype(np.float32)
+    batch = tokenize_counts(scipy.sparse.csr_matrix(dense), np.arange(n_genes), np.zeros((n_cells, 1)), max_genes,
+                            np.random.default_rng(seed), pad=False)
+    return batch, torch.from_numpy(dense), torch.from_numpy(rates).float()
+
+
+@pytest.mark.parametrize("max_genes", [1000, 100])
+def test_sampled_nb_loss_is_unbiased_over_seeds(max_genes):
+    """The sampled decode's NB NLL (expressed genes + reweighted zeros), averaged over seeds, is within
+    2% of the NLL over all genes, for logits that roughly fit the data (a trained decoder), also when
+    the max_genes cap drops most of a cell's expressed genes (~250 expressed, 100 kept)."""
+    n_genes, n_cells = 1000, 16
+    batch, dense, rates = _real_batch(max_genes)
+    assert (batch["dropped_length_n"] > 0).any() == (max_genes < 1000)
+    tokens = token_packing(batch)
+    g = torch.Generator().manual_seed(0)
+    logits_ng = torch.log(rates + 0.05) + 0.5 * torch.randn(n_cells, n_genes, generator=g)
+    theta_g = torch.rand(n_genes, generator=g) * 3 + 0.3
+    library = dense.sum(1)
+
+    def nll(targets):
+        if targets["rows"] is None:
+            out = {"logits_nt": logits_ng, "theta_nt": theta_g.expand(n_cells, -1), "log_library_n": library.log()}
+        else:
+            cell_r, gene_r = targets["rows"].seq_ids, targets["gene_ids"]
+            out = {"logits_r": logits_ng[cell_r, gene_r], "theta_r": theta_g[gene_r], "log_library_n": library.log()}
+        return vae_loss(out, targets, library, n_genes, 0.0, 0.0)["nll_per_cell"].item()
+
+    full_targets = decode_targets(batch, tokens, n_genes, DecodeGenes.ALL, 0, None)
+    assert torch.equal(full_targets["target"], dense)  # dropped genes keep their counts
+    full = nll(full_targets)
+    sampled = [nll(decode_targets(batch, tokens, n_genes, DecodeGenes.SAMPLED, 128, g)) for _ in range(200)]
+    assert abs(np.mean(sampled) - full) < 0.02 * abs(full), (np.mean(sampled), full)
+
+
+def test_over_max_genes_cells_never_score_dropped_genes_as_zeros():
+    n_genes = 1000
+    batch, dense, _ = _real_batch(max_genes=60, seed=3)
+    tokens = token_packing(batch)
+    t = decode_targets(batch, tokens, n_genes, DecodeGenes.SAMPLED, 800, torch.Generator().manual_seed(0))
+    rows = t["rows"]
+    expressed_n = (dense > 0).sum(1)
+    assert (batch["dropped_length_n"] > 0).all()
+    for i in range(16):
+        lo, hi = int(rows.cu_seqlens[i]), int(rows.cu_seqlens[i + 1])
+        kept = int(tokens.lengths[i])
+        drawn, w = t["gene_ids"][lo + kept:hi], t["weight"][lo + kept:hi]
+        expressed = torch.nonzero(dense[i] > 0).view(-1)
+        assert (w[torch.isin(drawn, expressed)] == 0).all()  # neither kept nor dropped genes count as zeros
+        assert (w[~torch.isin(drawn, expressed)] > 0).all()
+        assert t["weight"][lo:lo + kept].sum().item() == pytest.approx(float(expressed_n[i]), rel=1e-5)
+        assert w.sum().item() == pytest.approx(float(n_genes - expressed_n[i]), rel=1e-5)
 
 
 def test_ema_tracks_exponential_average():

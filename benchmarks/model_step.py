@@ -17,10 +17,15 @@ printed). Same data, width (32), depth (8 blocks per side), 16 latent tokens and
   decoded for every cell, the NB loss over all of them.
 
 Each configuration runs in its own process (clean peak RSS, ``ru_maxrss``, which includes the
-Python + torch baseline and the data). Batches are tokenized before the clock starts (the
-loader's job, overlapped in training); decode targets are built inside the step (they run on
-the device in training). The DiT step (flow matching, the same width and depth, 16 latent tokens)
-is timed too. The last line printed is one JSON object.
+Python + torch baseline and the data), with one torch thread (``--threads``): on a machine shared
+with other jobs, more threads than free cores make every step wait for the slowest thread.
+Throughput is measured over wall-clock time and over the process's CPU time (cells per CPU second:
+what a step costs, unaffected by other processes); the headline speedup uses the latter on CPU and
+wall clock on CUDA, and both are printed. Batches are tokenized before the clock starts (the
+loader's job, overlapped in training); decode targets are built inside the step (they run on the
+device in training). The DiT step (flow matching, the same width and depth, 16 latent tokens) is
+timed too. ``--repeats N`` runs every configuration N times, interleaved, and keeps the fastest.
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -376,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-steps", type=int, default=10, help="timed steps at least (ours, DiT)")
     parser.add_argument("--min-steps-padded", type=int, default=3, help="timed steps at least (padded model)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every configuration (the fastest is kept)")
     parser.add_argument("--n-batches", type=int, default=8, help="distinct batches cycled through")
     parser.add_argument("--quick", action="store_true", help="5 s per configuration, fewer steps")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
@@ -401,35 +407,49 @@ def main(argv: list[str] | None = None) -> None:
     del x
     rows = {}
     for batch in args.batch_sizes:
-        for model in ("padded", "ours", "dit"):
-            rows[(model, batch)] = run_one(args, model, batch)
+        for repeat in range(args.repeats):  # interleaved, so that a burst of load hits both models
+            for model in ("padded", "ours", "dit"):
+                res = run_one(args, model, batch)
+                best = rows.get((model, batch))
+                if best is not None:  # the fastest run's figures; the largest peak RSS of all runs
+                    res["peak_rss_mb"] = max(res["peak_rss_mb"], best["peak_rss_mb"])
+                    if best["cpu_cells_per_s"] > res["cpu_cells_per_s"]:
+                        res = {**best, "peak_rss_mb": res["peak_rss_mb"]}
+                rows[(model, batch)] = res
 
     print(f"\nmodel step: width {WIDTH}, {DEPTH} blocks per side, {LATENT_TOKENS} latent tokens, "
           f"{rows[('ours', args.batch_sizes[0])]['dtype']}, {args.threads} threads, "
           f"{rows[('ours', args.batch_sizes[0])]['device']}; data {args.data}")
-    header = (f"{'model':7s} {'batch':>5s} {'cells/s':>8s} {'tokens/s':>9s} {'peak RSS MB':>11s} {'tok/cell':>8s} "
-              f"{'slots/cell':>10s} {'decoded/cell':>12s} {'pad frac':>8s} {'GFLOP/cell':>10s} {'params':>8s} "
-              f"{'loss first->last':>17s}")
+    header = (f"{'model':7s} {'batch':>5s} {'cells/s':>8s} {'cells/cpu-s':>11s} {'tokens/s':>9s} {'peak RSS MB':>11s} "
+              f"{'tok/cell':>8s} {'slots/cell':>10s} {'decoded/cell':>12s} {'pad frac':>8s} {'GFLOP/cell':>10s} "
+              f"{'params':>8s} {'loss first->last':>17s}")
     print(header)
     print("-" * len(header))
     for (model, batch), r in rows.items():
         mfu = f"  mfu {r['mfu']:.1%}" if r.get("mfu") is not None else ""
         tok = f"{r['tokens_per_s']:9.0f}" if model != "dit" else f"{'-':>9s}"
-        print(f"{model:7s} {batch:5d} {r['cells_per_s']:8.1f} {tok} {r['peak_rss_mb']:11.0f} "
+        print(f"{model:7s} {batch:5d} {r['cells_per_s']:8.1f} {r['cpu_cells_per_s']:11.1f} {tok} {r['peak_rss_mb']:11.0f} "
               f"{r['tokens_per_cell']:8.0f} {r['slots_per_cell']:10.0f} {r['decoded_per_cell']:12.0f} "
               f"{r['pad_fraction']:8.3f} {r['flops_per_cell'] / 1e9:10.3f} {r['params']:8d} "
               f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}{mfu}")
+    print("cells/s: wall clock; cells/cpu-s: per CPU second of the (single-threaded) process, what a step costs "
+          "whatever else runs on the machine; tokens/s: expressed-gene tokens encoded per second (wall); "
+          "slots/cell: token slots the per-token layers process (padding included); GFLOP/cell: forward + backward")
     by_batch = {}
     for batch in args.batch_sizes:
         ours, ref, dit = rows[("ours", batch)], rows[("padded", batch)], rows[("dit", batch)]
         by_batch[str(batch)] = {
-            "speedup_per_cell_vs_padded": round(ours["cells_per_s"] / ref["cells_per_s"], 2),
+            "speedup_per_cell_vs_padded": round(ours["cpu_cells_per_s"] / ref["cpu_cells_per_s"], 2),
+            "speedup_per_cell_vs_padded_wall": round(ours["cells_per_s"] / ref["cells_per_s"], 2),
             "peak_mem_ratio_vs_padded": round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 3),
             "cells_per_s": round(ours["cells_per_s"], 1), "cells_per_s_padded": round(ref["cells_per_s"], 1),
+            "cells_per_cpu_s": round(ours["cpu_cells_per_s"], 1),
+            "cells_per_cpu_s_padded": round(ref["cpu_cells_per_s"], 1),
             "tokens_per_s": round(ours["tokens_per_s"]), "tokens_per_s_padded": round(ref["tokens_per_s"]),
             "peak_rss_mb": round(ours["peak_rss_mb"]), "peak_rss_mb_padded": round(ref["peak_rss_mb"]),
             "attention_pad_fraction": round(ours["attention_pad_fraction"], 4),
             "dit_cells_per_s": round(dit["cells_per_s"], 1),
+            "dit_cells_per_cpu_s": round(dit["cpu_cells_per_s"], 1),
         }
         if ours.get("mfu") is not None:
             by_batch[str(batch)].update(mfu_vae=round(ours["mfu"], 4), mfu_dit=round(dit["mfu"], 4),
@@ -438,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     ref_first = rows[("padded", args.batch_sizes[0])]
     summary = {
         "speedup_per_cell_vs_padded": min(v["speedup_per_cell_vs_padded"] for v in by_batch.values()),
+        "speedup_per_cell_vs_padded_wall": min(v["speedup_per_cell_vs_padded_wall"] for v in by_batch.values()),
         "peak_mem_ratio_vs_padded": max(v["peak_mem_ratio_vs_padded"] for v in by_batch.values()),
         "pad_fraction": first["pad_fraction"],
         "pad_fraction_padded": round(ref_first["pad_fraction"], 4),

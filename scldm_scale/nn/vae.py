@@ -213,11 +213,12 @@ class ScVAE(nn.Module):
         Padded ``(n, s)`` ids and counts, or packed ``(T,)`` with ``tokens`` (embedded in chunks of
         ``encode_chunk_size`` tokens); returns ``(..., d)``.
         """
-        counts = counts.to(self.gene_embedding.weight.dtype)
+        values = counts.float()  # per-cell totals in fp32 whatever the model's dtype
         if self.cfg.value_input == ValueInput.LOG1P_CP10K:
-            counts = per_10k(counts, tokens)  # (n, s) or (T,)
+            values = per_10k(values, tokens)  # (n, s) or (T,)
+        log_values = torch.log1p(values).to(self.gene_embedding.weight.dtype)  # (n, s) or (T,)
         chunk = self.cfg.encode_chunk_size if tokens is not None else 0
-        return rowwise(self.embed_tokens, chunk, gene_ids, torch.log1p(counts))  # (n, s, d) or (T, d)
+        return rowwise(self.embed_tokens, chunk, gene_ids, log_values)  # (n, s, d) or (T, d)
 
     def embed_tokens(self, gene_ids: Tensor, log_values: Tensor) -> Tensor:
         """Token embedding of genes and their (transformed) values, row by row."""

@@ -320,8 +320,10 @@ def worker(args) -> None:
                     "labels_na": torch.from_numpy(codes[idx][:, None]).to(device)} for idx in indices]
 
         def step(batch):
-            loss = flow_matching_loss(lambda x_nmz, t_n: model(x_nmz.to(dtype), t_n.to(dtype), batch["labels_na"]).float(),
-                                      batch["z_nmz"], generator, TimeSampling.UNIFORM)["loss"]
+            def velocity(x_nmz, t_n):
+                return model(x_nmz.to(dtype), t_n.to(dtype), batch["labels_na"]).float()
+
+            loss = flow_matching_loss(velocity, batch["z_nmz"], generator, TimeSampling.UNIFORM)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -428,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     for (model, batch), r in rows.items():
         mfu = f"  mfu {r['mfu']:.1%}" if r.get("mfu") is not None else ""
         tok = f"{r['tokens_per_s']:9.0f}" if model != "dit" else f"{'-':>9s}"
-        print(f"{model:7s} {batch:5d} {r['cells_per_s']:8.1f} {r['cpu_cells_per_s']:11.1f} {tok} {r['peak_rss_mb']:11.0f} "
+        print(f"{model:7s} {batch:5d} {r['cells_per_s']:8.1f} {r['cpu_cells_per_s']:11.1f} {tok} "
+              f"{r['peak_rss_mb']:11.0f} "
               f"{r['tokens_per_cell']:8.0f} {r['slots_per_cell']:10.0f} {r['decoded_per_cell']:12.0f} "
               f"{r['pad_fraction']:8.3f} {r['flops_per_cell'] / 1e9:10.3f} {r['params']:8d} "
               f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}{mfu}")

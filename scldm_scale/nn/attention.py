@@ -220,7 +220,8 @@ class MultiheadAttention(nn.Module):
             k, v = self.kv_proj(kv_nkd).unflatten(-1, (2, h, dh)).unbind(-3)  # (n, k, h, dh) or (K, h, dh) x2
         else:
             if kv_nkd is not None or q_index is not None:
-                raise ValueError("self-attention takes no separate key stream nor query table; build it with cross=True")
+                raise ValueError("self-attention takes no separate key stream nor query table; "
+                                 "build it with cross=True")
             q, k, v = self.qkv_proj(x_nqd).unflatten(-1, (3, h, dh)).unbind(-3)  # (n, q, h, dh) x3
             kv_pack = q_pack
         out = attend(q, k, v, key_mask_nk, key_bias_nk, q_pack, kv_pack)  # q's layout, (..., h, dh)

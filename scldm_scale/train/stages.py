@@ -1,8 +1,8 @@
 """The two training stages. A stage decides the data, the model and the batch -> loss step;
 the :class:`~scldm_scale.train.trainer.Trainer` does everything else.
 
-- ``vae``: token batches of raw counts -> ScVAE -> negative-binomial reconstruction loss
-  (+ library-size regression, + KL when variational).
+- ``vae``: packed token batches of raw counts -> ScVAE -> negative-binomial reconstruction loss of
+  the expressed genes and sampled unexpressed ones (+ library-size regression, + KL when variational).
 - ``ldm``: batches of cached latents -> standardize -> per-attribute label dropout ->
   flow-matching loss of the DiT (convention in :mod:`scldm_scale.flow.interpolant`).
 """
@@ -91,17 +91,24 @@ def decode_targets(batch: dict[str, Any], tokens: Packing, n_genes: int, mode: D
     # rows of cell c: its kept tokens, then its k drawn genes
     rows = Packing.from_lengths(tokens.lengths + k, tokens.max_len + k, total + n * k)
     token_row_t = torch.arange(total, device=device) + tokens.seq_ids * k  # (T,)
-    zero_row_nk = (tokens.cu_seqlens[1:, None].long() + torch.arange(n, device=device)[:, None] * k
-                   + torch.arange(k, device=device)[None, :])  # (n, k)
-    def place(on_tokens_t: torch.Tensor, on_drawn_nk: torch.Tensor) -> torch.Tensor:
-        out_r = on_tokens_t.new_zeros(rows.total)
-        return out_r.index_put((token_row_t,), on_tokens_t).index_put((zero_row_nk.reshape(-1),), on_drawn_nk.reshape(-1))
+    drawn_row_k = (tokens.cu_seqlens[1:, None].long() + torch.arange(n, device=device)[:, None] * k
+                   + torch.arange(k, device=device)[None, :]).reshape(-1)  # (n*k,)
+    rows_of = (token_row_t, drawn_row_k, rows.total)
     return {
-        "gene_ids": place(gene_ids_t, drawn_nk),
-        "target": place(counts_t, torch.zeros(n, k, device=device)),
-        "weight": place(kept_weight_n[tokens.seq_ids], zero_weight_n[:, None] * zero_nk),
+        "gene_ids": _place_rows(gene_ids_t, drawn_nk, *rows_of),
+        "target": _place_rows(counts_t, torch.zeros(n, k, device=device), *rows_of),
+        "weight": _place_rows(kept_weight_n[tokens.seq_ids], zero_weight_n[:, None] * zero_nk, *rows_of),
         "rows": rows,
     }
+
+
+def _place_rows(on_tokens_t: torch.Tensor, on_drawn_nk: torch.Tensor, token_row_t: torch.Tensor,
+                drawn_row_k: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Packed decoded rows from per-token and per-drawn-gene values, at their rows."""
+    out_r = on_tokens_t.new_zeros(n_rows)
+    out_r[token_row_t] = on_tokens_t
+    out_r[drawn_row_k] = on_drawn_nk.reshape(-1).to(out_r.dtype)
+    return out_r  # (R,)
 
 
 def nb_nll_per_cell(logits_r: torch.Tensor, theta_r: torch.Tensor, target_r: torch.Tensor, weight_r: torch.Tensor,

@@ -137,7 +137,8 @@ def test_folded_bias_equals_float_mask_in_fp32():
     """The GPU form of the expression prior (bias folded into two extra head dims, no mask) equals
     SDPA's float mask, here on CPU in fp32."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(3, 2, 5, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g)
+    q = torch.randn(3, 2, 5, 8, generator=g)
+    k, v = torch.randn(3, 2, 9, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g)
     bias = torch.randn(3, 9, generator=g) * 3
     folded = attention(q, k, v, key_bias_nk=bias, kernel=Kernel.SDPA_FOLDED_BIAS)
     torch.testing.assert_close(folded, attention(q, k, v, key_bias_nk=bias, kernel=Kernel.SDPA_MASK),

@@ -31,8 +31,8 @@ def _batch(seed: int = 0) -> dict:
     total = int(lengths.sum())
     return {"length_n": lengths, "gene_ids_t": torch.randint(0, N_GENES, (total,), generator=g),
             "counts_t": torch.randint(1, 12, (total,), generator=g).float(), "library_size_n": torch.zeros(4),
-            "dropped_length_n": torch.zeros(4, dtype=torch.long), "dropped_gene_ids_e": torch.zeros(0, dtype=torch.long),
-            "dropped_counts_e": torch.zeros(0), "max_length": 9}
+            "dropped_length_n": torch.zeros(4, dtype=torch.long),
+            "dropped_gene_ids_e": torch.zeros(0, dtype=torch.long), "dropped_counts_e": torch.zeros(0), "max_length": 9}
 
 
 def _loss(model: ScVAE, batch: dict, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:

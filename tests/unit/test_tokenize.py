@@ -158,7 +158,8 @@ def test_packed_form_carries_the_tokens_the_cap_dropped():
     for i, e in enumerate(expected):
         lo, hi, dlo, dhi = kept_at[i], kept_at[i + 1], dropped_at[i], dropped_at[i + 1]
         kept = dict(zip(packed["gene_ids_t"][lo:hi].tolist(), packed["counts_t"][lo:hi].tolist()))
-        dropped = dict(zip(packed["dropped_gene_ids_e"][dlo:dhi].tolist(), packed["dropped_counts_e"][dlo:dhi].tolist()))
+        dropped = dict(zip(packed["dropped_gene_ids_e"][dlo:dhi].tolist(),
+                           packed["dropped_counts_e"][dlo:dhi].tolist()))
         assert kept == _tokens(padded, i) and not kept.keys() & dropped.keys()
         assert {**kept, **dropped} == e and len(dropped) == max(len(e) - cap, 0)
     assert torch.equal(pad_token_batch(packed)["gene_ids_ns"], padded["gene_ids_ns"])

@@ -12,19 +12,20 @@ from scldm_scale.nn.attention import MultiheadAttention
 from scldm_scale.nn.packing import Packing
 
 
-def rowwise(fn: Callable[..., Tensor], chunk_rows: int, *rows: Tensor) -> Tensor:
+def rowwise(fn: Callable[..., Tensor], n_chunks: int, *rows: Tensor) -> Tensor:
     """``fn`` of a row-wise computation on packed rows (tensors whose first axis is the row) applied
-    in chunks of ``chunk_rows`` rows (all at once when 0, or when the first tensor is not 2-D rows
-    ``(R, d)`` / 1-D ``(R,)``). Chunks keep the temporary buffers of the forward and backward
-    passes small; the result is the same."""
-    if chunk_rows <= 0 or rows[0].dim() > 2 or rows[0].shape[0] <= chunk_rows:
+    to ``n_chunks`` consecutive slices of the rows (all at once when ``n_chunks`` <= 1, or when the
+    first tensor is not rows ``(R, d)`` / ``(R,)``). Chunks keep the temporary buffers of the
+    forward and backward passes small; the result is the same. The number of chunks, not their
+    size, is fixed, so every step calls the same modules in the same order whatever the batch
+    (DeepSpeed ZeRO-3 records that order to prefetch parameters)."""
+    if n_chunks <= 1 or rows[0].dim() > 2:
         return fn(*rows)
-    return torch.cat([fn(*parts) for parts in zip(*(x.split(chunk_rows) for x in rows))])  # (R, ...)
+    return torch.cat([fn(*parts) for parts in zip(*(x.tensor_split(n_chunks) for x in rows))])  # (R, ...)
 
 
-class GeluLinear(torch.autograd.Function):
-    """``linear(gelu(h), weight, bias)`` that keeps only ``h`` for the backward pass and recomputes
-    the GELU there (one pointwise op): the MLP's saved activations shrink by its widest tensor."""
+class _GeluLinearFunction(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` keeping only ``h`` for the backward pass."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -45,6 +46,15 @@ class GeluLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
+class GeluLinear(nn.Linear):
+    """``nn.Linear`` of ``gelu(input)`` that recomputes the GELU in the backward pass (one pointwise
+    op) instead of keeping it: the MLP's saved activations shrink by its widest tensor. Same
+    parameters and state dict as ``nn.Linear``."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return _GeluLinearFunction.apply(h, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     """Two-layer GELU MLP (the GELU recomputed in the backward pass, see :class:`GeluLinear`)."""
 
@@ -52,11 +62,11 @@ class MLP(nn.Module):
         super().__init__()
         d_hidden = int(d_model * mlp_ratio)
         self.fc1 = nn.Linear(d_model, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_model)
+        self.fc2 = GeluLinear(d_hidden, d_model)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_nqd: Tensor) -> Tensor:
-        return self.dropout(GeluLinear.apply(self.fc1(x_nqd), self.fc2.weight, self.fc2.bias))  # (n, q, d)
+        return self.dropout(self.fc2(self.fc1(x_nqd)))  # (n, q, d), GELU between the two
 
 
 class MCAB(nn.Module):
@@ -70,8 +80,8 @@ class MCAB(nn.Module):
     ``key_mask_nk`` instead. ``query_mask_nq`` (bool, True = real query) leaves masked query rows
     at their attention output (no MLP update). With ``q_index`` the query stream is a table whose
     rows ``q_index`` are the queries: its norm and q projection run once per table row.
-    ``chunk_rows`` > 0 runs the MLP on packed query rows in chunks of that many rows (the same
-    result; smaller temporary buffers in the forward and backward passes).
+    ``row_chunks`` > 1 runs the MLP on packed query rows in that many chunks (the same result;
+    smaller temporary buffers in the forward and backward passes).
     """
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
@@ -85,15 +95,15 @@ class MCAB(nn.Module):
     def forward(self, q_nqd: Tensor, kv_nkd: Tensor, key_mask_nk: Tensor | None = None,
                 key_bias_nk: Tensor | None = None, query_mask_nq: Tensor | None = None,
                 q_pack: Packing | None = None, kv_pack: Packing | None = None,
-                q_index: Tensor | None = None, chunk_rows: int = 0) -> Tensor:
+                q_index: Tensor | None = None, row_chunks: int = 0) -> Tensor:
         attn = self.attn(self.ln_q(q_nqd), self.ln_kv(kv_nkd), key_mask_nk, key_bias_nk, q_pack, kv_pack,
                          q_index)  # (n, q, d) or packed (Q, d)
         if q_index is not None:  # q_nqd was a table of query features: the queries are its rows q_index
             q_nqd = q_nqd[q_index]  # (n, q, d) or (Q, d)
         q_nqd = q_nqd + attn  # (n, q, d) or (Q, d)
         if q_pack is None:
-            chunk_rows = 0  # (n, q, d) queries: all at once
-        out_nqd = rowwise(lambda x_cd: x_cd + self.mlp(self.ln_mlp(x_cd)), chunk_rows, q_nqd)  # (n, q, d) or (Q, d)
+            row_chunks = 0  # (n, q, d) queries: all at once
+        out_nqd = rowwise(lambda x_cd: x_cd + self.mlp(self.ln_mlp(x_cd)), row_chunks, q_nqd)  # (n, q, d) or (Q, d)
         if query_mask_nq is None:
             return out_nqd
         return torch.where(query_mask_nq.unsqueeze(-1), out_nqd, q_nqd)  # (n, q, d)

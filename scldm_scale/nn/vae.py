@@ -54,11 +54,13 @@ class VAEConfig:
     variational: bool = False  # diagonal Gaussian posterior (KL weight lives in the training config)
     log_library_loc: float = 0.0  # mean and std of log library size in the data (filled from data):
     log_library_scale: float = 1.0  # the library head predicts the standardized value
-    # decoding in chunks: genes per chunk of a dense gene list (all genes: evaluation, generation, or
-    # training with train.decode_genes=all, where each chunk is recomputed in the backward pass), and
-    # rows per chunk of the row-wise unpooling work (MLP, NB head) over packed (cell, gene) rows
+    # genes per chunk when decoding a dense gene list (all genes: evaluation, generation, or training
+    # with train.decode_genes=all, where each chunk is recomputed in the backward pass)
     decode_chunk_size: int = 4096
-    encode_chunk_size: int = 4096  # packed tokens per chunk of the encoder's per-token embedding
+    # the row-wise work over packed rows (token embedding; unpooling MLP and NB head) runs in this many
+    # chunks: smaller temporary buffers, same result (a count, not a size: every step then calls the
+    # same modules in the same order, which DeepSpeed ZeRO-3 records)
+    row_chunks: int = 8
     activation_checkpointing: bool = False  # recompute every block in the backward pass (less memory)
 
 
@@ -136,6 +138,9 @@ class ScVAE(nn.Module):
     :class:`Packing`), where the per-token work runs on real tokens only. The decoder likewise takes
     dense gene lists (``gene_ids_nt``, in chunks of ``decode_chunk_size`` genes) or packed decoded
     rows (``gene_ids_r`` with their packing: a different gene list per cell, no padding).
+
+    Parameters are only used inside the forward of the module that owns them (ZeRO-3 gathers a
+    module's parameters around its forward).
     """
 
     def __init__(self, cfg: VAEConfig) -> None:
@@ -145,9 +150,9 @@ class ScVAE(nn.Module):
         if cfg.n_encoder_layers < 0 or cfg.n_decoder_layers < 0:
             raise ValueError(f"vae.n_encoder_layers / vae.n_decoder_layers must be >= 0 (got {cfg.n_encoder_layers} / "
                              f"{cfg.n_decoder_layers}); 0 means no self-attention between the MCABs")
-        if cfg.decode_chunk_size < 1 or cfg.encode_chunk_size < 1:
-            raise ValueError(f"vae.decode_chunk_size / vae.encode_chunk_size must be >= 1 (got "
-                             f"{cfg.decode_chunk_size} / {cfg.encode_chunk_size})")
+        if cfg.decode_chunk_size < 1 or cfg.row_chunks < 1:
+            raise ValueError(f"vae.decode_chunk_size / vae.row_chunks must be >= 1 (got {cfg.decode_chunk_size} / "
+                             f"{cfg.row_chunks})")
         self.cfg = cfg
         d, m, z = cfg.d_model, cfg.n_latent_tokens, cfg.d_latent
         blk = dict(n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
@@ -210,15 +215,15 @@ class ScVAE(nn.Module):
     def tokenize(self, gene_ids: Tensor, counts: Tensor, tokens: Packing | None = None) -> Tensor:
         """Gene embedding combined with an embedding of log1p(count) (optionally depth-normalized).
 
-        Padded ``(n, s)`` ids and counts, or packed ``(T,)`` with ``tokens`` (embedded in chunks of
-        ``encode_chunk_size`` tokens); returns ``(..., d)``.
+        Padded ``(n, s)`` ids and counts, or packed ``(T,)`` with ``tokens`` (embedded in
+        ``row_chunks`` chunks); returns ``(..., d)``.
         """
         values = counts.float()  # per-cell totals in fp32 whatever the model's dtype
         if self.cfg.value_input == ValueInput.LOG1P_CP10K:
             values = per_10k(values, tokens)  # (n, s) or (T,)
         log_values = torch.log1p(values).to(self.gene_embedding.weight.dtype)  # (n, s) or (T,)
-        chunk = self.cfg.encode_chunk_size if tokens is not None else 0
-        return rowwise(self.embed_tokens, chunk, gene_ids, log_values)  # (n, s, d) or (T, d)
+        chunks = self.cfg.row_chunks if tokens is not None else 0
+        return rowwise(self.embed_tokens, chunks, gene_ids, log_values)  # (n, s, d) or (T, d)
 
     def embed_tokens(self, gene_ids: Tensor, log_values: Tensor) -> Tensor:
         """Token embedding of genes and their (transformed) values, row by row."""
@@ -289,14 +294,15 @@ class ScVAE(nn.Module):
         """NB logits of genes given the decoder tokens: dense ``(n, c)`` gene ids (optional mask), or
         packed ``(R,)`` rows with their packing. A gene's query does not depend on the cell, so when
         there are more rows than vocabulary genes its projection is computed per gene and gathered."""
-        chunk = self.cfg.decode_chunk_size if rows is not None else 0
+        chunks = self.cfg.row_chunks if rows is not None else 0
         if gene_ids.numel() > self.cfg.n_genes:  # more rows than genes: norm + q projection once per gene
-            table_gd = self.gene_embedding.weight  # (g, d)
-            q_cd = self._block(self.unpool, table_gd, h_nmd, None, None, gene_mask, rows, None, gene_ids, chunk)
+            all_genes_g = torch.arange(self.cfg.n_genes, device=gene_ids.device)
+            table_gd = self.gene_embedding(all_genes_g)  # (g, d) through the module (ZeRO-3 gathers it there)
+            q_cd = self._block(self.unpool, table_gd, h_nmd, None, None, gene_mask, rows, None, gene_ids, chunks)
         else:
             q_cd = self.gene_embedding(gene_ids)  # (n, c, d) or (R, d)
-            q_cd = self._block(self.unpool, q_cd, h_nmd, None, None, gene_mask, rows, None, None, chunk)
-        return rowwise(lambda u_cd, ids_c: self.nb_logits(self.decoder_norm(u_cd), ids_c), chunk, q_cd,
+            q_cd = self._block(self.unpool, q_cd, h_nmd, None, None, gene_mask, rows, None, None, chunks)
+        return rowwise(lambda u_cd, ids_c: self.nb_logits(self.decoder_norm(u_cd), ids_c), chunks, q_cd,
                        gene_ids)  # (n, c) or (R,)
 
     def decode(self, z_nmz: Tensor, gene_ids_nt: Tensor, gene_mask_nt: Tensor | None = None) -> dict:

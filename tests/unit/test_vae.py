@@ -199,7 +199,7 @@ def test_packed_batch_equals_each_cell_alone(kw):
     """Encoder latents, decoder logits and per-cell NB NLL of a packed batch equal those of each cell
     alone (fp32, < 1e-5): nothing of a cell depends on the rest of its batch."""
     torch.manual_seed(0)
-    vae = ScVAE(tiny_cfg(encode_chunk_size=7, decode_chunk_size=6, **kw)).eval()
+    vae = ScVAE(tiny_cfg(row_chunks=3, **kw)).eval()
     ids, counts, tokens = _packed_cells()
     dec_len = torch.tensor([6, 3, 8, 2, 5])
     rows = Packing.from_lengths(dec_len, 8, int(dec_len.sum()))
@@ -238,17 +238,17 @@ def test_chunked_decode_with_gradients_equals_unchunked():
     rows = Packing.from_lengths(torch.tensor([7, 2, 11]), 11, 20)
     row_ids = torch.randint(0, 20, (20,))
 
-    def run(chunk):
+    def run(chunk, row_chunks):
         vae.zero_grad()
-        vae.cfg.decode_chunk_size = chunk
+        vae.cfg.decode_chunk_size, vae.cfg.row_chunks = chunk, row_chunks
         dense = vae.decode(z, gene_ids)["logits_nt"]
         packed = vae.decode_packed(z, row_ids, rows)["logits_r"]
         (dense.sin().sum() + packed.cos().sum()).backward()
         return dense.detach(), packed.detach(), {k: p.grad.clone() for k, p in vae.named_parameters()
                                                  if p.grad is not None}
 
-    dense, packed, grads = run(4096)
-    dense_c, packed_c, grads_c = run(3)
+    dense, packed, grads = run(4096, 1)
+    dense_c, packed_c, grads_c = run(3, 6)
     torch.testing.assert_close(dense_c, dense, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(packed_c, packed, atol=1e-6, rtol=1e-5)
     assert grads.keys() == grads_c.keys()

@@ -306,15 +306,24 @@ def test_decoder_unpool_is_equivariant_to_gene_order():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or _flash_varlen() is None, reason="needs CUDA and flash-attn")
-def test_flash_varlen_matches_sdpa_bf16():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernels_match_fp32_reference_in_bf16():
+    """On a GPU in bf16: pooling with the expression prior over packed keys (flash-attn varlen when
+    installed, else padded SDPA) and over a fixed-length batch (bias folded, mask-free SDPA) match the
+    fp32 reference kernels."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(3, 4, 5, 64, generator=g, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(3, 4, 9, 64, generator=g, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(3, 4, 9, 64, generator=g, device="cuda", dtype=torch.bfloat16)
-    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [0] * 9], dtype=torch.bool, device="cuda")
-    out_flash = attention(q, k, v, mask)  # flash path (CUDA + bf16)
-    out_sdpa = attention(q.float(), k.float(), v.float(), mask)  # SDPA path (fp32)
-    assert torch.isfinite(out_flash).all()
-    torch.testing.assert_close(out_flash.float(), out_sdpa, atol=2e-2, rtol=2e-2)
-    assert torch.equal(out_flash[2], torch.zeros_like(out_flash[2]))
+    lengths = torch.tensor([9, 4, 0, 7], device="cuda")
+    pack = Packing.from_lengths(lengths, 9, 20)
+    q = torch.randn(4, 5, 4, 64, generator=g, device="cuda")  # (n, q, h, d)
+    k, v = torch.randn(20, 4, 64, generator=g, device="cuda"), torch.randn(20, 4, 64, generator=g, device="cuda")
+    bias = torch.randn(20, generator=g, device="cuda")
+    reference = attend(q, k, v, key_bias=bias, k_pack=pack, kernel=Kernel.PADDED_VARLEN)  # fp32
+    fast = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_bias=bias, k_pack=pack)
+    assert torch.isfinite(fast).all() and torch.equal(fast[2], torch.zeros_like(fast[2]))
+    torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
+    qf, kf, vf = (torch.randn(3, 4, 9, 64, generator=g, device="cuda") for _ in range(3))
+    bias_nk = torch.randn(3, 9, generator=g, device="cuda") * 3
+    assert choose_kernel("cuda", torch.bfloat16, 64, packed=False, masked=False, biased=True) == Kernel.SDPA_FOLDED_BIAS
+    folded = attention(qf.bfloat16(), kf.bfloat16(), vf.bfloat16(), key_bias_nk=bias_nk)
+    torch.testing.assert_close(folded.float(), attention(qf, kf, vf, key_bias_nk=bias_nk, kernel=Kernel.SDPA_MASK),
+                               atol=3e-2, rtol=3e-2)

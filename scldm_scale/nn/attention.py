@@ -14,9 +14,7 @@ Call sites pass what they have, the kernel follows:
   cell's expressed genes, the unpooling of a cell's decoded genes): flash-attn's varlen kernel
   when it is installed and the tensors are fp16/bf16 on CUDA (the bias folded as above), else the
   rows are scattered into a padded layout for SDPA with the key mask (exact: padded keys get
-  probability 0, padded queries are dropped);
-- on CPU, short key sets (the m latent tokens of the unpooling and of the latent blocks) take
-  explicit matmuls + softmax, faster there than SDPA's fused CPU kernel at small head sizes.
+  probability 0, padded queries are dropped).
 
 Masks are bool, True = real token. A query whose keys are all masked (a cell without tokens)
 returns zeros. No kernel reads a device value back to the host.
@@ -35,12 +33,10 @@ from torch import Tensor, nn
 from scldm_scale.nn.packing import Packing
 
 _HALF = (torch.float16, torch.bfloat16)
-_CPU_MATH_MAX_KEYS = 256  # on CPU, up to this many keys the explicit matmuls beat SDPA's fused kernel
 
 
 class Kernel(str, Enum):
     SDPA = "sdpa"  # scaled_dot_product_attention, no mask (Flash / memory-efficient / math backends)
-    MATH = "math"  # explicit matmul + softmax: on CPU faster than SDPA's fused kernel for short key sets
     SDPA_MASK = "sdpa_mask"  # SDPA with a boolean key mask or a float (bias) mask
     SDPA_FOLDED_BIAS = "sdpa_folded_bias"  # per-key bias folded into extra head dims, SDPA without a mask
     FLASH_VARLEN = "flash_varlen"  # flash-attn varlen on packed rows (bias folded)
@@ -63,11 +59,11 @@ def folded_head_dim(head_dim: int) -> int:
 
 
 def choose_kernel(device_type: str, dtype: torch.dtype, head_dim: int, *, packed: bool, masked: bool,
-                  biased: bool, n_keys: int = 0) -> Kernel:
+                  biased: bool) -> Kernel:
     """The attention kernel for a call: the one place where kernels are chosen.
 
     ``packed``: queries or keys are packed variable-length rows; ``masked``: a key padding mask;
-    ``biased``: a per-key additive bias; ``n_keys``: keys per query (0: unknown).
+    ``biased``: a per-key additive bias.
     """
     gpu = device_type == "cuda"
     if packed:
@@ -75,8 +71,6 @@ def choose_kernel(device_type: str, dtype: torch.dtype, head_dim: int, *, packed
         if gpu and dtype in _HALF and width <= 256 and _flash_varlen() is not None:
             return Kernel.FLASH_VARLEN
         return Kernel.PADDED_VARLEN
-    if not gpu and 0 < n_keys <= _CPU_MATH_MAX_KEYS:
-        return Kernel.MATH
     if not masked and not biased:
         return Kernel.SDPA
     if gpu and biased and not masked:
@@ -113,10 +107,7 @@ def attention(q_nhqd: Tensor, k_nhkd: Tensor, v_nhkd: Tensor, key_mask_nk: Tenso
     """
     if kernel is None:
         kernel = choose_kernel(q_nhqd.device.type, q_nhqd.dtype, q_nhqd.shape[-1], packed=False,
-                               masked=key_mask_nk is not None, biased=key_bias_nk is not None,
-                               n_keys=k_nhkd.shape[2])
-    if kernel == Kernel.MATH:
-        return _math_attention(q_nhqd, k_nhkd, v_nhkd, key_mask_nk, key_bias_nk)
+                               masked=key_mask_nk is not None, biased=key_bias_nk is not None)
     if kernel == Kernel.SDPA and key_mask_nk is None and key_bias_nk is None:
         return F.scaled_dot_product_attention(q_nhqd, k_nhkd, v_nhkd)  # (n, h, q, d)
     if kernel == Kernel.SDPA_FOLDED_BIAS and key_mask_nk is None and key_bias_nk is not None:
@@ -134,24 +125,6 @@ def attention(q_nhqd: Tensor, k_nhkd: Tensor, v_nhkd: Tensor, key_mask_nk: Tenso
         bias_nk = key_bias_nk.to(q_nhqd.dtype).masked_fill(~key_mask_nk, 0.0)  # padding bias never leaks
         attn_mask = bias_nk.masked_fill(~safe_mask_nk, float("-inf"))[:, None, None, :]  # (n, 1, 1, k) float
     out_nhqd = F.scaled_dot_product_attention(q_nhqd, k_nhkd, v_nhkd, attn_mask=attn_mask)  # (n, h, q, d)
-    return out_nhqd * has_key_n.view(-1, 1, 1, 1).to(out_nhqd.dtype)
-
-
-def _math_attention(q_nhqd: Tensor, k_nhkd: Tensor, v_nhkd: Tensor, key_mask_nk: Tensor | None,
-                    key_bias_nk: Tensor | None) -> Tensor:
-    """Explicit ``softmax(q k^T / sqrt(d) + bias) v`` with the same mask semantics as SDPA_MASK."""
-    scores_nhqk = torch.matmul(q_nhqd, k_nhkd.transpose(-1, -2)) * (1.0 / math.sqrt(q_nhqd.shape[-1]))
-    if key_bias_nk is not None:
-        bias_nk = key_bias_nk.to(scores_nhqk.dtype)
-        if key_mask_nk is not None:
-            bias_nk = bias_nk.masked_fill(~key_mask_nk, 0.0)
-        scores_nhqk = scores_nhqk + bias_nk[:, None, None, :]
-    if key_mask_nk is None:
-        return torch.matmul(torch.softmax(scores_nhqk, dim=-1), v_nhkd)  # (n, h, q, d)
-    has_key_n = key_mask_nk.any(dim=1)  # (n,)
-    safe_mask_nk = key_mask_nk | ~has_key_n[:, None]
-    scores_nhqk = scores_nhqk.masked_fill(~safe_mask_nk[:, None, None, :], float("-inf"))
-    out_nhqd = torch.matmul(torch.softmax(scores_nhqk, dim=-1), v_nhkd)  # (n, h, q, d)
     return out_nhqd * has_key_n.view(-1, 1, 1, 1).to(out_nhqd.dtype)
 
 

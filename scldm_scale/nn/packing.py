@@ -68,20 +68,15 @@ class Packing:
         """(n, max_len) bool, True at real rows of the padded layout."""
         return torch.arange(self.max_len, device=self.lengths.device) < self.lengths[:, None]
 
-    def padded_index(self) -> Tensor:
-        """(T,) int64: each row's index in the flattened padded layout (n * max_len rows)."""
-        return self.seq_ids * self.max_len + self.positions
-
     def pad(self, x_t: Tensor, fill: float = 0.0) -> Tensor:
         """(T, ...) -> (n, max_len, ...), ``fill`` at the padding."""
-        out = x_t.new_full((self.n * self.max_len, *x_t.shape[1:]), fill)
-        out = out.index_copy(0, self.padded_index(), x_t)  # backward: a gather of the rows
-        return out.view(self.n, self.max_len, *x_t.shape[1:])  # (n, L, ...)
+        out = x_t.new_full((self.n, self.max_len, *x_t.shape[1:]), fill)
+        out[self.seq_ids, self.positions] = x_t  # in place into the new tensor (autograd records it)
+        return out  # (n, L, ...)
 
     def unpad(self, x_nl: Tensor) -> Tensor:
         """(n, max_len, ...) -> (T, ...): the real rows, in packed order."""
-        flat = x_nl.reshape(self.n * self.max_len, *x_nl.shape[2:])
-        return flat.index_select(0, self.padded_index())  # (T, ...); backward: a scatter-add
+        return x_nl[self.seq_ids, self.positions]  # (T, ...)
 
     def segment_sum(self, x_t: Tensor) -> Tensor:
         """(T, ...) -> (n, ...): the sum over each sequence's rows."""

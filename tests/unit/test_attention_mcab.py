@@ -162,23 +162,6 @@ def test_kernel_choice():
     has_flash = _flash_varlen() is not None
     assert (choose_kernel(gpu, bf16, 64, packed=True, masked=False, biased=True) == Kernel.FLASH_VARLEN) == has_flash
     assert choose_kernel(gpu, f32, 64, packed=True, masked=False, biased=True) == Kernel.PADDED_VARLEN
-    # on CPU a short key set takes explicit matmuls, a long one SDPA; on a GPU always the fused kernels
-    assert choose_kernel(cpu, f32, 8, packed=False, masked=False, biased=False, n_keys=16) == Kernel.MATH
-    assert choose_kernel(cpu, f32, 8, packed=False, masked=True, biased=True, n_keys=1024) == Kernel.SDPA_MASK
-    assert choose_kernel(gpu, bf16, 8, packed=False, masked=False, biased=False, n_keys=16) == Kernel.SDPA
-
-
-@pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_math_kernel_equals_sdpa(with_mask, with_bias):
-    g = torch.Generator().manual_seed(4)
-    q = torch.randn(3, 2, 5, 8, generator=g)
-    k, v = torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
-    mask = torch.tensor([[1] * 7, [1, 0, 1, 0, 0, 1, 0], [0] * 7], dtype=torch.bool) if with_mask else None
-    bias = torch.randn(3, 7, generator=g) if with_bias else None
-    sdpa = attention(q, k, v, mask, bias, kernel=Kernel.SDPA_MASK)
-    torch.testing.assert_close(attention(q, k, v, mask, bias, kernel=Kernel.MATH), sdpa, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attention(q, k, v, mask, bias), sdpa, atol=1e-5, rtol=1e-5)  # chosen: MATH on CPU
 
 
 class HostSyncs(TorchDispatchMode):

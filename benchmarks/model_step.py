@@ -17,7 +17,7 @@ printed). Same data, width (32), depth (8 blocks per side), 16 latent tokens and
   decoded for every cell, the NB loss over all of them.
 
 Each configuration runs in its own process (clean peak RSS, ``ru_maxrss``, which includes the
-Python + torch baseline and the data), with one torch thread (``--threads``): on a machine shared
+Python + torch baseline; the data set is freed once the batches are built), with one torch thread (``--threads``): on a machine shared
 with other jobs, more threads than free cores make every step wait for the slowest thread.
 Throughput is measured over wall-clock time and over the process's CPU time (cells per CPU second:
 what a step costs, unaffected by other processes); the headline speedup uses the latter on CPU and
@@ -31,6 +31,7 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -331,6 +332,8 @@ def worker(args) -> None:
 
         res.flops_per_cell = dit_train_flops(dit_cfg)
     res.params = sum(p.numel() for p in model.parameters())
+    del x  # the batches are built: the data set is not part of the step's memory
+    gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     steps, seconds, cpu_seconds, losses = _timed(step, batches, args.warmup, args.min_steps, args.seconds, sync)

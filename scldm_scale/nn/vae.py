@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scldm_scale.nn.mcab import MCAB, SelfAttentionBlock, rowwise
+from scldm_scale.nn.mcab import MCAB, GeluLinear, SelfAttentionBlock, rowwise
 from scldm_scale.nn.packing import Packing
 
 
@@ -60,7 +60,7 @@ class VAEConfig:
     # the row-wise work over packed rows (token embedding; unpooling MLP and NB head) runs in this many
     # chunks: smaller temporary buffers, same result (a count, not a size: every step then calls the
     # same modules in the same order, which DeepSpeed ZeRO-3 records)
-    row_chunks: int = 8
+    row_chunks: int = 16
     activation_checkpointing: bool = False  # recompute every block in the backward pass (less memory)
 
 
@@ -159,7 +159,8 @@ class ScVAE(nn.Module):
 
         # tokenizer (the gene table is shared by the encoder tokens and the decoder queries)
         self.gene_embedding = nn.Embedding(cfg.n_genes, d)
-        self.value_mlp = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
+        # Linear -> GELU -> Linear, the GELU recomputed in the backward pass (same state dict as with nn.GELU)
+        self.value_mlp = nn.Sequential(nn.Linear(1, d), nn.Identity(), GeluLinear(d, d))
         self.token_proj = nn.Linear(2 * d, d) if cfg.value_embedding == ValueEmbedding.CONCAT else None
 
         # encoder

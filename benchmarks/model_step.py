@@ -17,8 +17,9 @@ printed). Same data, width (32), depth (8 blocks per side), 16 latent tokens and
   decoded for every cell, the NB loss over all of them.
 
 Each configuration runs in its own process (clean peak RSS, ``ru_maxrss``, which includes the
-Python + torch baseline; the data set is freed once the batches are built), with one torch thread (``--threads``): on a machine shared
-with other jobs, more threads than free cores make every step wait for the slowest thread.
+Python + torch baseline; the data set is freed once the batches are built), with one torch thread
+(``--threads``): on a machine shared with other jobs, more threads than free cores make every step
+wait for the slowest thread.
 Throughput is measured over wall-clock time and over the process's CPU time (cells per CPU second:
 what a step costs, unaffected by other processes); the headline speedup uses the latter on CPU and
 wall clock on CUDA, and both are printed. Batches are tokenized before the clock starts (the

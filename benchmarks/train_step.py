@@ -8,8 +8,8 @@ CUDA). Each rank builds the models as the trainer does (``load_config`` of the q
 ``derive``, ``build_engine``) and trains them on synthetic batches with the shapes of the real data:
 
 - VAE (stage 1): 64 cells per rank, ~150 expressed genes out of 1,000 per cell (uniform 100-200),
-  the recipe's sampled decode (expressed genes + 256 sampled zeros) through ``decode_targets`` and
-  ``vae_loss``, as ``VAEStage.loss``.
+  packed token batches, the recipe's sampled decode (expressed genes + 256 sampled zeros) through
+  ``decode_targets`` and ``vae_loss``, as ``VAEStage.loss``.
 - DiT (stage 2): 128 latents per rank (n_tokens x d_latent from the VAE config), labels with the
   synthetic atlas's cardinalities (8 cell types, 4 tissues, 6 donors), label dropout and the
   flow-matching loss, as ``LDMStage.loss``.
@@ -32,13 +32,15 @@ partitioning with 4-byte parameters and gradients gives: stage 0: 16P (no master
 stage 1: 8P + 12P/N, stage 2: 4P + 16P/N, stage 3: 20P/N (DeepSpeed ZeRO 1-3 keep an fp32 master
 partition even when the parameters are fp32, so K = 12).
 
-On CUDA the bf16 runs are also timed and MFU = flops_per_cell * 3 * cells_per_s / (peak * world)
-(``flops_per_cell`` of the model = forward matmul FLOPs, x3 for forward + backward; the peak from
-``scldm_scale.train.metrics.detect_peak_tflops``).
+On CUDA the bf16 runs are also timed and MFU = train FLOPs per cell * cells_per_s / (peak * world)
+(``vae_train_flops`` / ``dit_train_flops``: forward + backward matmul FLOPs, checked against
+``FlopCounterMode`` in the tests; the peak from ``scldm_scale.train.metrics.detect_peak_tflops``),
+and the peak device memory of every rank (``torch.cuda.max_memory_allocated``) is recorded.
 
 The last line printed is one JSON object: ``zero3_state_bytes_vs_formula`` (measured / 16P/N for the
 bf16 ZeRO-3 run of the largest size measured, the trainer's DeepSpeed settings), ``cells_per_s``
-(per stage and ZeRO stage, quickstart width, recipe precision), and ``mfu`` on a GPU.
+(per stage and ZeRO stage, quickstart width, recipe precision), and on a GPU ``mfu_vae``,
+``mfu_dit`` (bf16, the best ZeRO stage at the largest size) and ``peak_mem_gib_per_rank``.
 """
 
 from __future__ import annotations
@@ -182,21 +184,22 @@ def state_bytes(engine) -> dict[str, int]:
 
 
 def vae_batches(n_cells: int, max_genes: int, seed: int, count: int = 4) -> list[dict]:
-    import torch
+    """Packed token batches (what the VAE stage trains on) of synthetic cells."""
+    import numpy as np
+    import scipy.sparse
 
-    g = torch.Generator().manual_seed(seed)
+    from scldm_scale.data.tokenize import tokenize_counts
+
+    rng = np.random.default_rng(seed)
     batches = []
-    for _ in range(count):
-        lengths = torch.randint(EXPRESSED[0], EXPRESSED[1] + 1, (n_cells,), generator=g).clamp(max=max_genes)
-        s = int(lengths.max())
-        ids = torch.zeros(n_cells, s, dtype=torch.long)
-        counts = torch.zeros(n_cells, s)
-        mask = torch.zeros(n_cells, s, dtype=torch.bool)
-        for i, k in enumerate(lengths.tolist()):
-            ids[i, :k] = torch.randperm(N_GENES, generator=g)[:k].sort().values
-            counts[i, :k] = 1.0 + torch.distributions.Geometric(probs=torch.tensor(0.4)).sample((k,))
-            mask[i, :k] = True
-        batches.append({"gene_ids_ns": ids, "counts_ns": counts, "mask_ns": mask, "library_size_n": counts.sum(1)})
+    for j in range(count):
+        lengths = rng.integers(EXPRESSED[0], EXPRESSED[1] + 1, n_cells)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        indices = np.concatenate([np.sort(rng.choice(N_GENES, k, replace=False)) for k in lengths])
+        data = 1.0 + rng.geometric(0.4, indptr[-1]).astype(np.float32)
+        x = scipy.sparse.csr_matrix((data, indices, indptr), shape=(n_cells, N_GENES))
+        batches.append(tokenize_counts(x, np.arange(N_GENES), np.zeros((n_cells, 1)), max_genes,
+                                       np.random.default_rng([seed, j]), pad=False))
     return batches
 
 
@@ -217,20 +220,22 @@ class VAEStep:
         self.mode = DecodeGenes(cfg.train.decode_genes)
 
     def loss(self, engine, batch, generator):
-        from scldm_scale.train.stages import decode_targets, vae_loss
+        from scldm_scale.train.stages import decode_targets, token_packing, vae_loss
 
-        targets = decode_targets(batch, self.model_cfg.n_genes, self.mode, int(self.cfg.train.n_zero_genes), generator)
+        tokens = token_packing(batch)
+        targets = decode_targets(batch, tokens, self.model_cfg.n_genes, self.mode, int(self.cfg.train.n_zero_genes),
+                                 generator)
         dtype = next(engine.module.parameters()).dtype
-        out = engine(batch["gene_ids_ns"], batch["counts_ns"].to(dtype), batch["mask_ns"], targets["gene_ids_nt"],
-                     targets["mask_nt"])
+        out = engine(batch["gene_ids_t"], batch["counts_t"].to(dtype), tokens, targets["gene_ids"], targets["rows"])
         return vae_loss(out, targets, batch["library_size_n"], self.model_cfg.n_genes, float(self.cfg.train.kl_weight),
                         float(self.cfg.train.library_loss_weight))["loss"]
 
-    def flops_per_cell(self, model, batch) -> float:
-        """Forward FLOPs per cell (as VAEStage.flops_per_cell / 3)."""
-        n = batch["mask_ns"].shape[0]
-        tokens = int(batch["mask_ns"].sum()) // n
-        return float(model.flops_per_cell(tokens, tokens + int(self.cfg.train.n_zero_genes)))
+    def train_flops_per_cell(self, batch) -> float:
+        """Forward + backward FLOPs per cell, as VAEStage.flops_per_cell."""
+        from scldm_scale.nn.vae import vae_train_flops
+
+        tokens = batch["gene_ids_t"].shape[0] / batch["length_n"].shape[0]
+        return vae_train_flops(self.model_cfg, tokens, tokens + int(self.cfg.train.n_zero_genes))
 
 
 class DiTStep:
@@ -251,8 +256,10 @@ class DiTStep:
         return flow_matching_loss(lambda x, t: engine(x.to(dtype), t.to(dtype), labels).float(),
                                   batch["z_nmz"].float(), generator, self.time_sampling)["loss"]
 
-    def flops_per_cell(self, model, batch) -> float:
-        return float(model.flops_per_cell())
+    def train_flops_per_cell(self, batch) -> float:  # noqa: ARG002
+        from scldm_scale.nn.dit import dit_train_flops
+
+        return dit_train_flops(self.model_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +299,7 @@ class Result:
     ratio: float = 0.0
     loss: float | None = None
     variant: str = ""
+    peak_mem_gib_per_rank: list = field(default_factory=list)  # CUDA: torch.cuda.max_memory_allocated per rank
 
 
 def build(job: Job, device):
@@ -342,7 +350,9 @@ def run_job(job: Job, info, peak_tflops: float, batch_scale: int = 1) -> Result:
         batches = vae_batches(micro, int(cfg.data.max_genes), seed)
     else:
         batches = dit_batches(micro, model_cfg.n_tokens, model_cfg.d_in, seed)
-    batches = [{k: v.to(info.device) for k, v in b.items()} for b in batches]
+    batches = [{k: (v.to(info.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in batches]
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     engine = build_engine(model, cfg, micro)
     generator = torch.Generator(device=info.device).manual_seed(seed)
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
@@ -372,10 +382,14 @@ def run_job(job: Job, info, peak_tflops: float, batch_scale: int = 1) -> Result:
         elapsed = time.perf_counter() - t0
         res.steps_per_s = job.timed_steps / elapsed
         res.cells_per_s = res.steps_per_s * micro * info.world_size
-        flops = 3.0 * step.flops_per_cell(engine.module, batches[0])
+        flops = step.train_flops_per_cell(batches[0])
         res.tflops_per_rank = flops * res.cells_per_s / info.world_size / 1e12
         if peak_tflops > 0:
             res.mfu = flops * res.cells_per_s / (peak_tflops * 1e12 * info.world_size)
+    peak_mem = torch.cuda.max_memory_allocated() if info.device.type == "cuda" else 0
+    peaks: list = [None] * info.world_size
+    dist.all_gather_object(peaks, peak_mem)
+    res.peak_mem_gib_per_rank = [round(b / 2**30, 3) for b in peaks] if info.device.type == "cuda" else []
     everyone: list = [None] * info.world_size
     dist.all_gather_object(everyone, held)
     model_state = [sum(v for k, v in h.items() if k != "buffers") for h in everyone]
@@ -475,6 +489,8 @@ def report(data: dict) -> dict:
         cells = f"{r['cells_per_s']:.0f}" if timed else "-"
         tflops = f"{r['tflops_per_rank']:.4f}" if timed else "-"
         mfu = f"  mfu {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+        if r.get("peak_mem_gib_per_rank"):
+            mfu += f"  peak {max(r['peak_mem_gib_per_rank']):.2f} GiB/rank"
         zero = f"{r['zero']}{'p0' if r.get('variant') == 'persist0' else ''}"
         print(f"{r['model']:5s} {r['size']:10s} {r['d_model']:4d} {r['params']:9d} {r['precision']:4s} {zero:>4s} "
               f"{steps:>8s} {cells:>8s} {tflops:>8s} {mib(r['state_bytes']):>12s} "
@@ -524,7 +540,10 @@ def report(data: dict) -> dict:
     for m in ("vae", "dit"):
         timed = [r for r in rows if r["model"] == m and r.get("mfu") is not None and r["size"] == largest]
         if timed:
-            mfu[m] = round(max(r["mfu"] for r in timed), 4)
+            best = max(timed, key=lambda r: r["mfu"])
+            mfu[m] = round(best["mfu"], 4)
+            out[f"mfu_{m}"] = mfu[m]  # bf16 MFU of the stage (best ZeRO stage at the largest size)
+            out.setdefault("peak_mem_gib_per_rank", {})[m] = best["peak_mem_gib_per_rank"]
     if mfu:
         out["mfu"] = mfu
     return out

@@ -1,5 +1,5 @@
-"""`scldm-scale`: prepare data, train both stages, encode, generate, transfer, evaluate, export, sweep,
-report, demo.
+"""`scldm-scale`: prepare data, train both stages, encode, generate, transfer, evaluate, export, sizes,
+sweep, report, recipes, demo.
 
 Training is launched by torchrun / the deepspeed launcher (one process per device) or runs as a
 single process::
@@ -238,6 +238,40 @@ def cmd_report(args: argparse.Namespace) -> None:
     path = report(args.dirs, out=args.out, wandb_csv=args.wandb_csv or [], n_boot=args.bootstrap, level=args.level,
                   seed=args.seed, method=args.bootstrap_method)
     print(f"report: {path}")
+
+
+def cmd_sizes(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
+    from scldm_scale.config import DecodeGenes, load_config, to_object
+    from scldm_scale.nn.sizes import format_count, size_table
+
+    recipes, overrides = _split_recipes(args.items)
+    cfg = to_object(load_config(recipes, overrides))
+    try:
+        cards = [int(c) for c in args.labels.split(",") if c.strip()]
+    except ValueError:
+        raise ScldmError(f"--labels {args.labels!r}: expected comma-separated category counts, e.g. 8,4,6") from None
+    if args.genes < 1 or args.tokens < 0 or args.genes < args.tokens:
+        raise ScldmError(f"--genes {args.genes} / --tokens {args.tokens}: need genes >= 1 and 0 <= tokens <= genes")
+    decode = DecodeGenes(args.decode or cfg.train.decode_genes)
+    zeros = cfg.train.n_zero_genes if args.zero_genes is None else args.zero_genes
+    decoded = args.genes if decode == DecodeGenes.ALL else min(args.tokens + zeros, args.genes)
+    rows = size_table(args.genes, args.tokens, decoded, cards, base_vae=cfg.vae, base_dit=cfg.dit)
+    if args.json:
+        print(json.dumps({"genes": args.genes, "tokens_per_cell": args.tokens, "decoded_per_cell": decoded,
+                          "label_cardinalities": cards, "presets": [asdict(r) for r in rows]}))
+        return
+    print(f"{args.genes} genes, {args.tokens} expressed-gene tokens per cell, {decoded} decoded genes per cell "
+          f"({decode.value}); DiT labels {cards}; FLOPs = forward + backward per cell")
+    header = f"{'stage':5s} {'preset':7s} {'width':>5s} {'blocks':>6s} {'heads':>5s} {'latent':>7s} {'params':>8s} " \
+             f"{'FLOPs/cell':>10s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.stage:5s} {r.preset:7s} {r.d_model:5d} {r.depth:>6s} {r.n_heads:5d} {r.latent:>7s} "
+              f"{format_count(r.params):>8s} {format_count(r.train_flops_per_cell):>10s}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -486,6 +520,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coverage of the intervals (e.g. --level 0.9; default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (e.g. --seed 1)")
     p.set_defaults(func=cmd_report)
+
+    p = _sub(sub, "sizes", "model presets: parameters and FLOPs per cell, without training",
+             "  scldm-scale sizes\n  scldm-scale sizes --genes 36000 --tokens 2000 --labels 600,60,1000\n"
+             "  scldm-scale sizes recipes/quickstart.yaml vae.unpool_mlp_ratio=1.0 --json",
+             description="Table of the VAE and DiT presets (vae_preset / dit_preset) with their parameter counts and "
+                         "forward+backward FLOPs per cell, for a stated vocabulary and tokens per cell.")
+    p.add_argument("--genes", type=int, default=20_000,
+                   help="gene vocabulary size (default 20000; e.g. --genes 36000)")
+    p.add_argument("--tokens", type=int, default=1_000,
+                   help="expressed-gene tokens per cell (at most data.max_genes; default 1000) (e.g. --tokens 2000)")
+    p.add_argument("--decode", choices=["sampled", "all"],
+                   help="genes decoded per cell in training: expressed + --zero-genes sampled zeros, or all "
+                        "(default: the recipe's train.decode_genes) (e.g. --decode all)")
+    p.add_argument("--zero-genes", type=int,
+                   help="sampled unexpressed genes per cell (default: the recipe's train.n_zero_genes) (e.g. "
+                        "--zero-genes 512)")
+    p.add_argument("--labels", default="10",
+                   help="category counts of the DiT's label attributes, comma-separated (default 10) (e.g. "
+                        "--labels 600,60,1000)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table (e.g. --json)")
+    p.add_argument("items", nargs="*", metavar="RECIPE.yaml|key=value",
+                   help="recipes / overrides whose vae.* and dit.* settings (MLP ratios, value embedding, ...) the "
+                        "presets start from (e.g. recipes/quickstart.yaml vae.unpool_mlp_ratio=1.0)")
+    p.set_defaults(func=cmd_sizes)
 
     p = _sub(sub, "demo", "synthetic atlas -> VAE -> latents -> LDM -> generate -> evaluate, on CPU in minutes",
              "  scldm-scale demo --out runs/demo --strict\n  scldm-scale demo --cells 2000 --genes 300 train.max_steps=50")

@@ -98,8 +98,10 @@ class TrainConfig:
     sample_cells: int = 256
     # VAE stage
     kl_weight: float = 0.0
-    decode_genes: DecodeGenes = DecodeGenes.ALL
-    n_zero_genes: int = 512  # zeros sampled per cell when decode_genes=sampled
+    # genes the decoder reconstructs per cell in training: the expressed ones plus n_zero_genes sampled
+    # unexpressed ones, reweighted (cost independent of the vocabulary size), or all genes
+    decode_genes: DecodeGenes = DecodeGenes.SAMPLED
+    n_zero_genes: int = 256  # unexpressed genes sampled per cell when decode_genes=sampled
     library_loss_weight: float = 0.1
     # raw DeepSpeed keys merged last into the generated DeepSpeed JSON
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +126,15 @@ class LDMConfig:
     latents: str = ""  # latent cache written by `scldm-scale encode` (default <vae_run>/latents)
     # held-out cells (.h5ad, raw counts) for train.sample_every (default <VAE data.path>/heldout.h5ad)
     sample_reference: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """Execution options of both stages' models (their sizes live in ``vae`` / ``dit``)."""
+
+    # torch.compile every transformer block (MCABs, latent self-attention, DiT blocks); where it
+    # cannot compile, a block runs eagerly after a one-line warning
+    compile: bool = False
 
 
 @dataclass
@@ -172,6 +183,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     dit_preset: str = ""  # a name from DIT_PRESETS; explicit dit.* keys override it
     dit: DiTConfig = field(default_factory=DiTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)

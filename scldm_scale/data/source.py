@@ -79,9 +79,11 @@ class Source(Protocol):
     def library_size_stats(self, max_cells: int = 4096) -> tuple[float, float]:
         """Mean and std of log total counts over a sample of up to ``max_cells`` cells."""
 
-    def batches(self, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, num_workers: int = 0, pin_memory: bool = False,
+                pad: bool = True) -> Iterator[dict[str, torch.Tensor]]:
         """Endless training batches of this rank from the current position; the position advances
-        by one step (``world * batch_size`` cells) with every batch handed out."""
+        by one step (``world * batch_size`` cells) with every batch handed out. Token batches are
+        padded (``tokenize.TOKEN_KEYS``), or packed with ``pad=False`` (``tokenize.COMPACT_KEYS``)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The position: ``epoch``, ``cells_consumed`` (plus ``cells_per_epoch``, ``batch_size`` and the
@@ -256,8 +258,10 @@ class StreamSource(ABC):
         """Batches of the ``n`` stream cells at each of ``starts`` (in order; ``starts`` may be endless)."""
         return self.read_blocks((Block((TRAIN_KEY, int(s)), self.stream_positions(s, n)) for s in starts), compact)
 
-    def batches(self, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless training batches of this rank (see the module docstring); workers are started here."""
+    def batches(self, num_workers: int = 0, pin_memory: bool = False,
+                pad: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless training batches of this rank (see the module docstring); workers are started here.
+        Workers always hand over packed token batches (a fraction of the bytes); ``pad`` pads them here."""
         from torch.utils.data import DataLoader
 
         if num_workers < 0:
@@ -270,7 +274,7 @@ class StreamSource(ABC):
                 f"{self.describe()}: data.batch_size={b} x {world} ranks = {step} cells per step exceeds the "
                 f"{self.cells_per_epoch} cells of an epoch; lower data.batch_size"
             )
-        compact = num_workers > 0 and self.token_batches
+        compact = (num_workers > 0 or not pad) and self.token_batches
         stream = _WorkerStream(self, self._position + rank * b, step, b, compact)
         if num_workers == 0:
             batches: Iterable[dict] = iter(stream)
@@ -281,9 +285,10 @@ class StreamSource(ABC):
             )
         for batch in batches:
             if "length_n" in batch:
-                batch = pad_token_batch(batch)
+                if pad:
+                    batch = pad_token_batch(batch)
                 if pin_memory:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             self._position += step
             yield batch
 

@@ -32,12 +32,34 @@ class DiTConfig:
     activation_checkpointing: bool = False
 
 
+# Named sizes of DiT (Peebles & Xie 2023): S/B/L/XL widths, depths and heads; dit-xs is the CPU
+# quickstart size.
 DIT_PRESETS: dict[str, dict] = {
     "dit-xs": dict(d_model=128, depth=2, n_heads=4),
-    "dit-s": dict(d_model=256, depth=4, n_heads=4),
-    "dit-b": dict(d_model=512, depth=8, n_heads=8),
-    "dit-l": dict(d_model=1024, depth=16, n_heads=16),
+    "dit-s": dict(d_model=384, depth=12, n_heads=6),
+    "dit-b": dict(d_model=768, depth=12, n_heads=12),
+    "dit-l": dict(d_model=1024, depth=24, n_heads=16),
+    "dit-xl": dict(d_model=1152, depth=28, n_heads=16),
 }
+
+TIMESTEP_FREQ_DIM = 256  # sinusoidal features of the timestep embedder
+
+
+def dit_forward_flops(cfg: DiTConfig) -> float:
+    """Forward matmul FLOPs (2 x multiply-adds) per cell (one sequence of m latent tokens)."""
+    m, z, d = cfg.n_tokens, cfg.d_in, cfg.d_model
+    d_hidden = int(d * cfg.mlp_ratio)
+    macs = m * z * d  # x embedder
+    macs += TIMESTEP_FREQ_DIM * d + d * d  # timestep MLP
+    block = 6 * d * d + 4 * m * d * d + 2 * m * m * d + 2 * m * d * d_hidden  # adaLN, qkv+out, attention, MLP
+    macs += cfg.depth * block
+    macs += 2 * d * d + m * d * z  # final adaLN and linear
+    return 2.0 * float(macs)
+
+
+def dit_train_flops(cfg: DiTConfig) -> float:
+    """Forward + backward FLOPs per cell (backward = 2 x forward)."""
+    return 3.0 * dit_forward_flops(cfg)
 
 
 def modulate(x_nmd: Tensor, shift_nd: Tensor, scale_nd: Tensor) -> Tensor:
@@ -61,7 +83,7 @@ def sincos_pos_embed(n_tokens: int, d_model: int) -> Tensor:
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoidal features of 1000 t -> MLP (as DiT)."""
 
-    def __init__(self, d_model: int, freq_dim: int = 256) -> None:
+    def __init__(self, d_model: int, freq_dim: int = TIMESTEP_FREQ_DIM) -> None:
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
@@ -90,7 +112,7 @@ class DiTBlock(nn.Module):
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
-        self.attn = MultiheadAttention(d_model, n_heads)
+        self.attn = MultiheadAttention(d_model, n_heads)  # self-attention, fused qkv, no mask: SDPA's Flash on GPU
         self.norm2 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         d_hidden = int(d_model * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -182,13 +204,5 @@ class DiT(nn.Module):
         return self.final_layer(x_nmd, c_nd)  # (n, m, z)
 
     def flops_per_cell(self) -> float:
-        """Forward matmul FLOPs (2 x MACs) per cell."""
-        c = self.cfg
-        m, z, d = c.n_tokens, c.d_in, c.d_model
-        d_hidden = int(d * c.mlp_ratio)
-        macs = m * z * d  # x embedder
-        macs += self.t_embedder.freq_dim * d + d * d  # timestep MLP
-        block = 6 * d * d + 4 * m * d * d + 2 * m * m * d + 2 * m * d * d_hidden  # adaLN, qkv+out, attention, MLP
-        macs += c.depth * block
-        macs += 2 * d * d + m * d * z  # final adaLN and linear
-        return 2.0 * float(macs)
+        """Forward matmul FLOPs per cell (:func:`dit_forward_flops` of this model's config)."""
+        return dit_forward_flops(self.cfg)

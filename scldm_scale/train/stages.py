@@ -1,8 +1,8 @@
 """The two training stages. A stage decides the data, the model and the batch -> loss step;
 the :class:`~scldm_scale.train.trainer.Trainer` does everything else.
 
-- ``vae``: token batches of raw counts -> ScVAE -> negative-binomial reconstruction loss
-  (+ library-size regression, + KL when variational).
+- ``vae``: packed token batches of raw counts -> ScVAE -> negative-binomial reconstruction loss of
+  the expressed genes and sampled unexpressed ones (+ library-size regression, + KL when variational).
 - ``ldm``: batches of cached latents -> standardize -> per-attribute label dropout ->
   flow-matching loss of the DiT (convention in :mod:`scldm_scale.flow.interpolant`).
 """
@@ -28,9 +28,11 @@ from scldm_scale.errors import ScldmError
 from scldm_scale.flow.guidance import drop_labels
 from scldm_scale.flow.interpolant import TimeSampling
 from scldm_scale.flow.loss import flow_matching_loss
-from scldm_scale.nn.dit import DiT, DiTConfig
+from scldm_scale.nn.dit import DiT, DiTConfig, dit_train_flops
 from scldm_scale.nn.likelihood import nb_log_prob
-from scldm_scale.nn.vae import ScVAE, VAEConfig
+from scldm_scale.nn.packing import Packing
+from scldm_scale.nn.speed import compile_blocks
+from scldm_scale.nn.vae import ScVAE, VAEConfig, vae_train_flops
 from scldm_scale.train.export import json_artifact
 from scldm_scale.train.sample_quality import SampleQuality, resolve_sample_reference
 
@@ -44,51 +46,104 @@ def _typed(section: DictConfig, cls):
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_targets(batch: dict[str, torch.Tensor], n_genes: int, mode: DecodeGenes, n_zero_genes: int,
-                   generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """Genes to reconstruct for each cell, their observed counts and importance weights.
+def token_packing(batch: dict[str, Any]) -> Packing:
+    """The :class:`Packing` of a packed token batch (:data:`~scldm_scale.data.tokenize.COMPACT_KEYS`)."""
+    return Packing.from_lengths(batch["length_n"], int(batch["max_length"]), batch["gene_ids_t"].shape[0])
 
-    ALL: every vocabulary gene, weight 1. SAMPLED: the expressed genes (weight 1) plus
-    ``n_zero_genes`` genes drawn uniformly (seeded); the drawn genes that are not expressed stand
-    for all unexpressed genes of the cell, so each gets weight ``(#unexpressed) / (#drawn unexpressed)``
-    and sums over genes stay unbiased.
+
+def decode_targets(batch: dict[str, Any], tokens: Packing, n_genes: int, mode: DecodeGenes, n_zero_genes: int,
+                   generator: torch.Generator | None) -> dict[str, Any]:
+    """Genes to reconstruct for each cell of a packed batch, their observed counts and weights.
+
+    Returns ``gene_ids``, ``target``, ``weight`` (0 = not scored) and ``rows``: the :class:`Packing`
+    of packed decoded rows, or None for a dense ``(n, g)`` layout.
+
+    ALL: every vocabulary gene, weight 1; the targets hold the counts of the kept tokens and of the
+    tokens the ``max_genes`` cap dropped (the encoder did not see them, the decoder scores them).
+    SAMPLED: per cell, its kept tokens and ``n_zero_genes`` genes drawn uniformly (seeded), packed
+    cell after cell (``expressed..., drawn...``). A drawn gene the cell expresses (kept or dropped)
+    is not scored; the others stand for all unexpressed genes of the cell, each with weight
+    ``(#unexpressed) / (#drawn unexpressed)``, and the kept tokens for all expressed genes, each with
+    weight ``(#expressed) / (#kept)`` (1 unless the cap dropped some). Sums over genes (the NB
+    log-likelihood, the softmax normalizer) stay unbiased, and nothing is of size ``n x n_genes``.
     """
-    gene_ids_ns, counts_ns, mask_ns = batch["gene_ids_ns"], batch["counts_ns"], batch["mask_ns"]
-    n, device = gene_ids_ns.shape[0], gene_ids_ns.device
+    gene_ids_t, counts_t = batch["gene_ids_t"], batch["counts_t"].float()
+    dropped_len_n, dropped_ids_e = batch["dropped_length_n"], batch["dropped_gene_ids_e"]
+    n, device = tokens.n, gene_ids_t.device
+    dropped_cell_e = torch.repeat_interleave(torch.arange(n, device=device), dropped_len_n,
+                                             output_size=dropped_ids_e.shape[0])  # (E,)
     if mode == DecodeGenes.ALL:
         target_ng = torch.zeros(n, n_genes, device=device)
-        target_ng.scatter_add_(1, gene_ids_ns, counts_ns * mask_ns)  # padding adds 0
-        return {
-            "gene_ids_nt": torch.arange(n_genes, device=device).expand(n, n_genes),
-            "target_nt": target_ng,
-            "mask_nt": torch.ones(n, n_genes, dtype=torch.bool, device=device),
-            "weight_nt": torch.ones(n, n_genes, device=device),
-        }
-    drawn_nk = torch.randint(0, n_genes, (n, n_zero_genes), device=device, generator=generator)
-    expressed_ng = torch.zeros(n, n_genes, device=device).scatter_add_(1, gene_ids_ns, mask_ns.float()) > 0
-    zero_nk = ~expressed_ng.gather(1, drawn_nk)
-    n_unexpressed_n = (n_genes - mask_ns.sum(1)).float()
-    zero_weight_n = n_unexpressed_n / zero_nk.sum(1).clamp(min=1)
+        target_ng.index_put_((tokens.seq_ids, gene_ids_t), counts_t, accumulate=True)
+        target_ng.index_put_((dropped_cell_e, dropped_ids_e), batch["dropped_counts_e"].float(), accumulate=True)
+        return {"gene_ids": torch.arange(n_genes, device=device).expand(n, n_genes), "target": target_ng,
+                "weight": torch.ones(n, n_genes, device=device), "rows": None}
+    k, total = int(n_zero_genes), tokens.total
+    drawn_nk = torch.randint(0, n_genes, (n, k), device=device, generator=generator)
+    # which drawn genes the cell expresses: search (cell, gene) keys among the sorted expressed ones
+    expressed_keys = torch.cat([tokens.seq_ids * n_genes + gene_ids_t, dropped_cell_e * n_genes + dropped_ids_e])
+    drawn_keys_nk = torch.arange(n, device=device)[:, None] * n_genes + drawn_nk  # (n, k)
+    if expressed_keys.numel():
+        sorted_keys = expressed_keys.sort().values
+        at_nk = torch.searchsorted(sorted_keys, drawn_keys_nk).clamp(max=sorted_keys.numel() - 1)
+        zero_nk = sorted_keys[at_nk] != drawn_keys_nk  # (n, k) drawn and not expressed
+    else:
+        zero_nk = torch.ones_like(drawn_nk, dtype=torch.bool)
+    n_expressed_n = (tokens.lengths + dropped_len_n).float()  # (n,)
+    zero_weight_n = (n_genes - n_expressed_n) / zero_nk.sum(1).clamp(min=1)  # (n,)
+    kept_weight_n = n_expressed_n / tokens.lengths.clamp(min=1)  # (n,)
+    # rows of cell c: its kept tokens, then its k drawn genes
+    rows = Packing.from_lengths(tokens.lengths + k, tokens.max_len + k, total + n * k)
+    token_row_t = torch.arange(total, device=device) + tokens.seq_ids * k  # (T,)
+    drawn_row_k = (tokens.cu_seqlens[1:, None].long() + torch.arange(n, device=device)[:, None] * k
+                   + torch.arange(k, device=device)[None, :]).reshape(-1)  # (n*k,)
+    rows_of = (token_row_t, drawn_row_k, rows.total)
     return {
-        "gene_ids_nt": torch.cat([gene_ids_ns, drawn_nk], 1),
-        "target_nt": torch.cat([counts_ns, torch.zeros_like(drawn_nk, dtype=counts_ns.dtype)], 1),
-        "mask_nt": torch.cat([mask_ns, zero_nk], 1),
-        "weight_nt": torch.cat([torch.ones_like(counts_ns), zero_weight_n[:, None].expand_as(drawn_nk)], 1),
+        "gene_ids": _place_rows(gene_ids_t, drawn_nk, *rows_of),
+        "target": _place_rows(counts_t, torch.zeros(n, k, device=device), *rows_of),
+        "weight": _place_rows(kept_weight_n[tokens.seq_ids], zero_weight_n[:, None] * zero_nk, *rows_of),
+        "rows": rows,
     }
 
 
-def vae_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], library_n: torch.Tensor,
+def _place_rows(on_tokens_t: torch.Tensor, on_drawn_nk: torch.Tensor, token_row_t: torch.Tensor,
+                drawn_row_k: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Packed decoded rows from per-token and per-drawn-gene values, at their rows."""
+    out_r = on_tokens_t.new_zeros(n_rows)
+    out_r[token_row_t] = on_tokens_t
+    out_r[drawn_row_k] = on_drawn_nk.reshape(-1).to(out_r.dtype)
+    return out_r  # (R,)
+
+
+def nb_nll_per_cell(logits_r: torch.Tensor, theta_r: torch.Tensor, target_r: torch.Tensor, weight_r: torch.Tensor,
+                    rows: Packing, library_n: torch.Tensor) -> torch.Tensor:
+    """Weighted NB negative log-likelihood of each cell's decoded rows, (n,). The NB mean is the
+    softmax over the cell's scored rows (importance-weighted normalizer) times its library size."""
+    scored_r = weight_r > 0
+    log_w_r = torch.where(scored_r, weight_r.clamp(min=1e-12).log(), torch.full_like(weight_r, -math.inf))
+    log_z_n = rows.segment_logsumexp(logits_r + log_w_r)  # (n,) importance-weighted normalizer
+    mu_r = torch.exp(logits_r - log_z_n[rows.seq_ids]) * library_n[rows.seq_ids]  # (R,)
+    ll_r = nb_log_prob(target_r, mu_r, theta_r)  # (R,)
+    return -rows.segment_sum(torch.where(scored_r, ll_r * weight_r, torch.zeros_like(ll_r)))  # (n,)
+
+
+def vae_loss(out: dict[str, torch.Tensor], targets: dict[str, Any], library_n: torch.Tensor,
              n_genes: int, kl_weight: float, library_loss_weight: float,
              library_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """NB NLL of the observed counts (mean = softmax over decoded genes x library size), plus the
-    squared error of the predicted log library size in units of its spread in the data."""
-    logits_nt = out["logits_nt"].float()
-    mask_nt, weight_nt = targets["mask_nt"], targets["weight_nt"]
-    log_w_nt = torch.where(mask_nt, weight_nt.clamp(min=1e-12).log(), torch.full_like(weight_nt, -math.inf))
-    log_z_n = torch.logsumexp(logits_nt + log_w_nt, dim=1, keepdim=True)  # importance-weighted normalizer
-    mu_nt = torch.exp(logits_nt - log_z_n) * library_n[:, None]
-    ll_nt = nb_log_prob(targets["target_nt"], mu_nt, out["theta_nt"].float())
-    nll_n = -(ll_nt * weight_nt * mask_nt).sum(1)
+    squared error of the predicted log library size in units of its spread in the data.
+
+    ``out`` holds ``logits_r`` / ``theta_r`` for packed decoded rows (``targets["rows"]``) or
+    ``logits_nt`` / ``theta_nt`` for a dense layout (``targets["rows"]`` None)."""
+    if targets["rows"] is not None:
+        rows, logits_r, theta_r = targets["rows"], out["logits_r"], out["theta_r"]
+    else:
+        n, t = out["logits_nt"].shape
+        rows = Packing.fixed(n, t, out["logits_nt"].device)
+        logits_r, theta_r = out["logits_nt"].reshape(-1), out["theta_nt"].reshape(-1)
+    library_n = library_n.float()
+    nll_n = nb_nll_per_cell(logits_r.float(), theta_r.float(), targets["target"].reshape(-1).float(),
+                            targets["weight"].reshape(-1).float(), rows, library_n)
     recon = nll_n.mean() / n_genes
     library = F.mse_loss(out["log_library_n"].float(), torch.log(library_n.clamp(min=1.0))) / library_scale**2
     terms = {"nll_per_cell": nll_n.mean().detach(), "recon": recon, "library_mse": library}
@@ -118,31 +173,38 @@ class VAEStage:
         self.model_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
         self.decode_mode = DecodeGenes(cfg.train.decode_genes)
 
+    padded_batches = False  # the loader hands packed token batches (tokenize.COMPACT_KEYS)
+
     def build_model(self) -> nn.Module:
-        return ScVAE(self.model_cfg)
+        model = ScVAE(self.model_cfg)
+        if self.cfg.model.compile:
+            compile_blocks(model)
+        return model
 
     def build_source(self):
         return self.source
 
-    def loss(self, engine, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss(self, engine, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         n_genes = self.model_cfg.n_genes
-        targets = decode_targets(batch, n_genes, self.decode_mode, int(self.cfg.train.n_zero_genes), generator)
+        tokens = token_packing(batch)
+        targets = decode_targets(batch, tokens, n_genes, self.decode_mode, int(self.cfg.train.n_zero_genes), generator)
         dtype = next(engine.module.parameters()).dtype
-        out = engine(batch["gene_ids_ns"], batch["counts_ns"].to(dtype), batch["mask_ns"],
-                     targets["gene_ids_nt"], targets["mask_nt"])
+        out = engine(batch["gene_ids_t"], batch["counts_t"].to(dtype), tokens, targets["gene_ids"], targets["rows"])
         return vae_loss(out, targets, batch["library_size_n"], n_genes,
                         float(self.cfg.train.kl_weight), float(self.cfg.train.library_loss_weight),
                         self.model_cfg.log_library_scale)
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Gene tokens of the batch (a device tensor: no host sync)."""
-        return batch["mask_ns"].sum()
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Gene tokens of the batch (its packed length: no host sync)."""
+        return batch["gene_ids_t"].shape[0]
 
-    def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-        n = batch["mask_ns"].shape[0]
+    def flops_per_cell(self, model: nn.Module, batch: dict[str, Any]) -> float:  # noqa: ARG002
+        """Forward + backward FLOPs per cell of a batch (from shapes: no device sync)."""
+        n = max(batch["length_n"].shape[0], 1)
+        tokens = batch["gene_ids_t"].shape[0] / n
         n_decode = self.model_cfg.n_genes if self.decode_mode == DecodeGenes.ALL else \
-            int(batch["mask_ns"].sum()) // n + int(self.cfg.train.n_zero_genes)
-        return 3.0 * model.flops_per_cell(int(batch["mask_ns"].sum()) // max(n, 1), n_decode)
+            tokens + int(self.cfg.train.n_zero_genes)
+        return vae_train_flops(self.model_cfg, tokens, n_decode)
 
     def export_artifacts(self) -> dict[str, Callable[[Path], Any]]:
         return {"vocab.json": self.vocab.save, "labels.json": self.labels.save}
@@ -155,6 +217,7 @@ class VAEStage:
 
 class LDMStage:
     name = Stage.LDM
+    padded_batches = True  # latent batches have no tokens to pack
 
     def __init__(self, cfg: DictConfig) -> None:
         if not cfg.ldm.vae_run:
@@ -184,7 +247,10 @@ class LDMStage:
         self.time_sampling = TimeSampling(cfg.flow.time_sampling)
 
     def build_model(self) -> nn.Module:
-        return DiT(self.model_cfg)
+        model = DiT(self.model_cfg)
+        if self.cfg.model.compile:
+            compile_blocks(model)
+        return model
 
     def build_source(self):
         return build_source(self.cfg.data, labels=self.labels)
@@ -200,12 +266,12 @@ class LDMStage:
         )
         return {"loss": out["loss"]}
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Latent tokens of the batch."""
-        return torch.tensor(float(batch["z_nmz"].shape[0] * batch["z_nmz"].shape[1]))
+        return batch["z_nmz"].shape[0] * batch["z_nmz"].shape[1]
 
-    def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-        return 3.0 * model.flops_per_cell()
+    def flops_per_cell(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:  # noqa: ARG002
+        return dit_train_flops(self.model_cfg)
 
     def sample_quality(self, device: torch.device) -> SampleQuality:
         """The rank-0 check behind ``train.sample_every`` (generated vs held-out cells)."""

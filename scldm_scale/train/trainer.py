@@ -162,6 +162,12 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------------
 
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's training batches from the current data position (packed or padded token batches,
+        as the stage's model takes them; pinned for the copy to the GPU)."""
+        return self.source.batches(num_workers=int(self.cfg.data.num_workers),
+                                   pin_memory=self.dist.device.type == "cuda", pad=self.stage.padded_batches)
+
     def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``train.grad_accum`` micro-batches. The loss terms and token counts
         stay on the device (no host sync); they reach the host at log steps only (:meth:`_log`)."""
@@ -174,10 +180,9 @@ class Trainer:
             for key, value in out.items():
                 term = value.detach().float() / self.grad_accum
                 totals[key] = totals[key] + term if key in totals else term
-            cells = torch.tensor(float(next(iter(batch.values())).shape[0]))  # from the shape: no sync
-            totals["_cells"] = totals["_cells"] + cells if "_cells" in totals else cells
-            tokens = self.stage.tokens(batch).float()
-            totals["_tokens"] = totals["_tokens"] + tokens if "_tokens" in totals else tokens
+            # counts from shapes (no sync), kept as host numbers
+            totals["_cells"] = totals.get("_cells", 0.0) + float(batch["cell_index_n"].shape[0])
+            totals["_tokens"] = totals.get("_tokens", 0.0) + float(self.stage.tokens(batch))
         if self.ema is not None:
             self.ema.update()
         self._last_batch = batch
@@ -187,7 +192,7 @@ class Trainer:
         """Reduce the window's sums over ranks (one collective, one host transfer) and log them."""
         keys = sorted(window)
         device = comm.device()
-        values = comm.all_reduce_sum(torch.stack([window[k].to(device, torch.float64) for k in keys]))
+        values = comm.all_reduce_sum(torch.stack([torch.as_tensor(window[k]).to(device, torch.float64) for k in keys]))
         reduced = dict(zip(keys, values.tolist()))
         for k in keys:
             if not k.startswith("_"):
@@ -195,8 +200,7 @@ class Trainer:
         self.logger.log(self._derived_metrics(reduced, elapsed), self.step)
 
     def train(self) -> None:
-        batches = self.source.batches(num_workers=int(self.cfg.data.num_workers),
-                                      pin_memory=self.dist.device.type == "cuda")
+        batches = self.batches()
         ckpt_every = int(self.cfg.train.ckpt_every)
         log_every = max(1, int(self.cfg.train.log_every))
         window: dict[str, torch.Tensor] = {}

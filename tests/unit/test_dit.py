@@ -76,9 +76,11 @@ def test_activation_checkpointing_same_output_and_grads():
 
 
 def test_presets_and_flops():
-    assert {"dit-xs", "dit-s", "dit-b", "dit-l"} <= set(DIT_PRESETS)
-    cfg = DiTConfig(**DIT_PRESETS["dit-b"])
-    assert (cfg.d_model, cfg.depth) == (512, 8)
+    assert {"dit-xs", "dit-s", "dit-b", "dit-l", "dit-xl"} <= set(DIT_PRESETS)
+    # DiT's S/B/L/XL (Peebles & Xie 2023): width, depth, heads
+    sizes = {name: (c["d_model"], c["depth"], c["n_heads"]) for name, c in DIT_PRESETS.items()}
+    assert [sizes[k] for k in ("dit-s", "dit-b", "dit-l", "dit-xl")] == [(384, 12, 6), (768, 12, 12),
+                                                                        (1024, 24, 16), (1152, 28, 16)]
     small = tiny(d_model=32).flops_per_cell()
     assert 0 < small < tiny(d_model=64).flops_per_cell()
     assert small < tiny(depth=4).flops_per_cell()

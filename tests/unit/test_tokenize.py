@@ -1,4 +1,4 @@
-"""Tokenizer: raw counts CSR -> padded token batch."""
+"""Tokenizer: raw counts CSR -> padded and packed token batches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import pytest
 import scipy.sparse
 import torch
 
-from scldm_scale.data.tokenize import collate_token_batches, tokenize_counts
+from scldm_scale.data.tokenize import (
+    COMPACT_KEYS,
+    collate_token_batches,
+    pack_token_batch,
+    pad_fraction,
+    pad_token_batch,
+    tokenize_counts,
+)
 from scldm_scale.errors import ScldmError
 
 N_CELLS, N_VAR = 12, 50
@@ -134,3 +141,49 @@ def test_collate_pads_to_longest():
     assert torch.equal(out["mask_ns"][:4, :3], short["mask_ns"]) and not out["mask_ns"][:4, 3:].any()
     assert torch.equal(out["counts_ns"][4:], long["counts_ns"])
     assert out["labels_na"][:, 0].tolist() == [0] * 4 + [1] * (N_CELLS - 4)
+
+
+def test_packed_form_carries_the_tokens_the_cap_dropped():
+    """pad=False: the kept tokens cell after cell, the dropped ones likewise; together they are the
+    cell's expressed genes; the same seed keeps the same tokens as the padded form."""
+    x, var_map = _block(density=0.6), _var_map()
+    expected = _expected(x, var_map)
+    cap = 8
+    packed = tokenize_counts(x, var_map, np.zeros((N_CELLS, 1)), cap, np.random.default_rng(7), pad=False)
+    padded = tokenize_counts(x, var_map, np.zeros((N_CELLS, 1)), cap, np.random.default_rng(7))
+    assert tuple(packed) == COMPACT_KEYS and isinstance(packed["max_length"], int)
+    assert packed["max_length"] == cap and len(next(iter(packed.values()))) == N_CELLS  # per-cell values first
+    kept_at = np.concatenate([[0], np.cumsum(packed["length_n"].numpy())])
+    dropped_at = np.concatenate([[0], np.cumsum(packed["dropped_length_n"].numpy())])
+    for i, e in enumerate(expected):
+        lo, hi, dlo, dhi = kept_at[i], kept_at[i + 1], dropped_at[i], dropped_at[i + 1]
+        kept = dict(zip(packed["gene_ids_t"][lo:hi].tolist(), packed["counts_t"][lo:hi].tolist()))
+        dropped = dict(zip(packed["dropped_gene_ids_e"][dlo:dhi].tolist(),
+                           packed["dropped_counts_e"][dlo:dhi].tolist()))
+        assert kept == _tokens(padded, i) and not kept.keys() & dropped.keys()
+        assert {**kept, **dropped} == e and len(dropped) == max(len(e) - cap, 0)
+    assert torch.equal(pad_token_batch(packed)["gene_ids_ns"], padded["gene_ids_ns"])
+    repacked = pack_token_batch(padded)
+    for key in ("length_n", "gene_ids_t", "counts_t", "library_size_n"):
+        assert torch.equal(repacked[key], packed[key])
+    assert repacked["max_length"] == packed["max_length"] and repacked["dropped_length_n"].sum() == 0
+
+
+def test_pad_fraction():
+    assert pad_fraction(np.array([2, 4])) == pytest.approx(0.25)  # 6 of 8 slots real
+    assert pad_fraction(np.array([2, 4]), width=8) == pytest.approx(0.625)
+    assert pad_fraction(np.array([], dtype=np.int64)) == 0.0
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_source_hands_packed_batches(tiny_atlas, num_workers):
+    """Source.batches(pad=False) hands the VAE packed batches: the same tokens, no padding."""
+    from scldm_scale.data.config import DataConfig
+    from scldm_scale.data.loader import build_source
+
+    cfg = DataConfig(path=str(tiny_atlas), batch_size=16, max_genes=32, shuffle=False)
+    batch = next(build_source(cfg, validate=False).batches(num_workers=num_workers, pad=False))
+    assert set(batch) == set(COMPACT_KEYS) and batch["length_n"].shape == (16,)
+    assert batch["gene_ids_t"].shape[0] == int(batch["length_n"].sum()) and batch["max_length"] <= 32
+    padded = next(build_source(cfg, validate=False).batches(num_workers=num_workers))
+    assert torch.equal(pad_token_batch(batch)["gene_ids_ns"], padded["gene_ids_ns"])

@@ -34,7 +34,7 @@ from scldm_scale.train.trainer import Trainer
 
 out, items = sys.argv[1], sys.argv[2:]
 trainer = Trainer(load_config(*_split_recipes(items)))
-batches = trainer.source.batches()
+batches = trainer.batches()
 for _ in range(4):  # warm-up: lazy initialisation, and ZeRO-3's recording of the parameter order
     trainer.train_step(batches)
 calls = []

@@ -41,6 +41,21 @@ _PART_FILE_RE = re.compile(r"^(latents|labels|cell_index)_.+_rank\d+_part\d+\.np
 _RANK_MANIFEST_RE = re.compile(r"^manifest_rank(\d+)\.json$")
 
 
+def _npy_layout(path: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """Data offset, dtype and shape of a ``.npy`` part file, from its header."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            fortran, dtype, shape = True, None, ()
+        if fortran or dtype.hasobject:
+            raise ScldmError(f"{path}: not a latent cache part (.npy version {version}); re-run `scldm-scale encode`")
+        return f.tell(), dtype, tuple(shape)
+
+
 def _save_npy_atomic(path: str, arr: np.ndarray) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -264,8 +279,11 @@ class LatentCacheSource(StreamSource):
 
     Each epoch's order is a permutation of all cached cells seeded by ``(seed, epoch)`` (the stream,
     ranks, workers and resume follow :mod:`scldm_scale.data.source`); the inference pass visits
-    the cache rows in order. Parts are memory-mapped: memory is bounded by the batch (plus 4-8
-    bytes per cell for the epoch's order).
+    the cache rows in order. Rows are read from the part files with positioned reads (one per run
+    of consecutive rows), not through memory maps: mapped file pages count in the resident set of
+    the process, and random batches over a memory-mapped cache grow it towards the cache size
+    (the kernel maps whole folios around every row touched). Memory is bounded by the batch (plus
+    4-8 bytes per cell for the epoch's order).
     """
 
     token_batches = False
@@ -297,7 +315,7 @@ class LatentCacheSource(StreamSource):
         self.vocab, self.labels = None, labels
         self.offsets = np.concatenate([[0], np.cumsum([p["n_cells"] for p in self.parts])]).astype(np.int64)
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
-        self._mmaps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._layouts: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}  # part file -> offset, dtype, shape
         self._orders: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -310,7 +328,6 @@ class LatentCacheSource(StreamSource):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_mmaps"] = {}  # each worker opens its own maps
         state["_orders"] = {}
         return state
 
@@ -355,16 +372,30 @@ class LatentCacheSource(StreamSource):
             self._orders[epoch] = order
         return self._orders[epoch][lo:hi]
 
-    def _part(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if k not in self._mmaps:
-            p = self.parts[k]
-            self._mmaps[k] = tuple(
-                np.load(os.path.join(self.root, p[key]), mmap_mode="r") for key in ("latents", "labels", "cell_index")
-            )
-        return self._mmaps[k]
+    def _read_rows(self, path: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending, distinct) of a part file, one read per run of consecutive rows."""
+        if path not in self._layouts:
+            self._layouts[path] = _npy_layout(path)
+        offset, dtype, shape = self._layouts[path]
+        out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+        row_bytes = out[:1].nbytes
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        cut = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts, ends = np.r_[0, cut].tolist(), np.r_[cut, len(rows)].tolist()
+        first_rows = rows[starts].tolist()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for a, b, row in zip(starts, ends, first_rows):
+                data = os.pread(fd, (b - a) * row_bytes, offset + row * row_bytes)
+                if len(data) != (b - a) * row_bytes:
+                    raise ScldmError(f"{path}: latent cache part is truncated; re-run `scldm-scale encode`")
+                flat[a * row_bytes: b * row_bytes] = data
+        finally:
+            os.close(fd)
+        return out
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows ``ids`` (global cache order) read from the memory maps, in the order given."""
+        """Rows ``ids`` (global cache order, repeats allowed), in the order given."""
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
         z = np.empty((n, self.n_tokens, self.d_latent), dtype=np.float32)
@@ -373,12 +404,10 @@ class LatentCacheSource(StreamSource):
         part_of = np.searchsorted(self.offsets, ids, side="right") - 1
         for k in np.unique(part_of):
             sel = np.flatnonzero(part_of == k)
-            local = ids[sel] - self.offsets[k]
-            order = np.argsort(local, kind="stable")
-            z_m, lab_m, cell_m = self._part(int(k))
-            z[sel[order]] = z_m[local[order]]
-            labels[sel[order]] = lab_m[local[order]]
-            cells[sel[order]] = cell_m[local[order]]
+            rows, where = np.unique(ids[sel] - self.offsets[k], return_inverse=True)
+            part = self.parts[int(k)]
+            for key, dst in (("latents", z), ("labels", labels), ("cell_index", cells)):
+                dst[sel] = self._read_rows(os.path.join(self.root, part[key]), rows)[where]
         return {"z_nmz": z, "labels_na": labels, "cell_index_n": cells}
 
     def _batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:

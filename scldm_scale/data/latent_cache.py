@@ -120,9 +120,10 @@ class LatentCacheWriter:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.label_attributes = list(label_attributes)
         self.part_cells = int(part_cells or max(1, _PART_BYTES // (4 * self.n_tokens * self.d_latent)))
-        self._z: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._cells: list[np.ndarray] = []
+        # one part's rows, filled in place (pages are touched as rows arrive: a small encode stays small)
+        self._z = np.empty((self.part_cells, self.n_tokens, self.d_latent), dtype=np.float32)
+        self._labels = np.empty((self.part_cells, len(self.label_attributes)), dtype=np.int64)
+        self._cells = np.empty(self.part_cells, dtype=np.int64)
         self._buffered = 0
         self.parts: list[dict[str, Any]] = []
         self.closed = False
@@ -148,29 +149,33 @@ class LatentCacheWriter:
                 f"labels_na {labels_na.shape} / cell_index_n {cell_index_n.shape} do not match {n} cells "
                 f"and {len(self.label_attributes)} label attributes"
             )
-        self._z.append(z_nmz.copy())
-        self._labels.append(labels_na.copy())
-        self._cells.append(cell_index_n.copy())
-        self._buffered += n
-        while self._buffered >= self.part_cells:
-            self._flush(self.part_cells)
+        at = 0
+        while at < n:
+            take = min(n - at, self.part_cells - self._buffered)
+            rows = slice(self._buffered, self._buffered + take)
+            self._z[rows] = z_nmz[at: at + take]
+            self._labels[rows] = labels_na[at: at + take]
+            self._cells[rows] = cell_index_n[at: at + take]
+            self._buffered += take
+            at += take
+            if self._buffered == self.part_cells:
+                self._flush()
 
-    def _flush(self, n: int) -> None:
-        z, lab, cells = (np.concatenate(b, axis=0) for b in (self._z, self._labels, self._cells))
-        k = len(self.parts)
+    def _flush(self) -> None:
+        n, k = self._buffered, len(self.parts)
         names = {key: f"{key}_{self.run_id}_rank{self.rank}_part{k}.npy" for key in ("latents", "labels", "cell_index")}
-        _save_npy_atomic(os.path.join(self.out_dir, names["latents"]), z[:n])
-        _save_npy_atomic(os.path.join(self.out_dir, names["labels"]), lab[:n])
-        _save_npy_atomic(os.path.join(self.out_dir, names["cell_index"]), cells[:n])
+        _save_npy_atomic(os.path.join(self.out_dir, names["latents"]), self._z[:n])
+        _save_npy_atomic(os.path.join(self.out_dir, names["labels"]), self._labels[:n])
+        _save_npy_atomic(os.path.join(self.out_dir, names["cell_index"]), self._cells[:n])
         self.parts.append({**names, "n_cells": int(n), "rank": self.rank})
-        self._z, self._labels, self._cells = [z[n:]], [lab[n:]], [cells[n:]]
-        self._buffered -= n
+        self._buffered = 0
 
     def close(self) -> None:
         if self.closed:
             return
         if self._buffered:
-            self._flush(self._buffered)
+            self._flush()
+        self._z, self._labels, self._cells = self._z[:0].copy(), self._labels[:0].copy(), self._cells[:0].copy()
         write_json_atomic(
             os.path.join(self.out_dir, f"manifest_rank{self.rank}.json"),
             {

@@ -239,6 +239,36 @@ def test_latent_cache_batches_do_not_grow_the_resident_set(tmp_path):
         LatentCacheSource(path, batch_size=8).gather(np.array([source.n_cells - 1]))
 
 
+def test_latent_cache_writer_holds_at_most_one_part(tmp_path):
+    """Parts are cut exactly and in order from batches of any size, and the writer's memory stays within
+    one part (it held up to three: the batches, their concatenation and the rest of the previous one)."""
+    import tracemalloc
+
+    from scldm_scale.data.latent_cache import LatentCacheWriter
+
+    m, z, part = 8, 8, 1000
+    part_bytes = part * (m * z * 4 + 8 + 8)  # latents, one label, cell id
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 700, 40)
+    batches = [(np.full((k, m, z), i, dtype=np.float32), np.full((k, 1), i), np.arange(k) + 1000 * i)
+               for i, k in enumerate(sizes)]
+    tracemalloc.start()
+    try:
+        with LatentCacheWriter(tmp_path, 0, m, z, ["cell_type"], run_id="mem", world_size=1, part_cells=part) as w:
+            for batch in batches:
+                w.write(*batch)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * part_bytes
+    total = int(sizes.sum())
+    assert [p["n_cells"] for p in w.parts] == [part] * (total // part) + [total % part]
+    cells = np.concatenate([np.load(tmp_path / p["cell_index"]) for p in w.parts])
+    np.testing.assert_array_equal(cells, np.concatenate([b[2] for b in batches]))
+    z_all = np.concatenate([np.load(tmp_path / p["latents"]) for p in w.parts])
+    np.testing.assert_array_equal(z_all[:, 0, 0], np.repeat(np.arange(len(sizes)), sizes))
+
+
 def test_stale_manifests_of_an_earlier_run_with_more_ranks_are_never_merged(tmp_path):
     from scldm_scale.data.latent_cache import LatentCacheSource, LatentCacheWriter, finalize_latent_cache
     from scldm_scale.errors import ScldmError

@@ -32,7 +32,7 @@ cell; 4: cells drawn; 5, 7: steps x global batch), cells/s = cells / wall time (
 the steady rate, the median ``cells_per_s`` of the trainer's logged windows after the first), peak
 RSS per process, disk size of the stage's output. Peak RSS is the kernel's high-water mark
 (``VmHWM`` of ``/proc/<pid>/status``) of every process of the stage's tree (the launcher, each rank,
-helper processes), sampled every 0.2 s with psutil while the stage runs; the stage's figure is the
+the children a rank forks), sampled every 0.2 s with psutil while the stage runs; the stage's figure is the
 largest single process. ``RssAnon`` (anonymous memory, without memory-mapped files) is sampled too.
 
 RSS growth: the memory-relevant stages (``train_vae``, ``encode``, ``train_dit``: the streaming
@@ -62,7 +62,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -75,7 +75,7 @@ STAGES = ("studies", "prepare_h5ad", "prepare_soma", "mixing", "train_vae", "enc
 MEMORY_STAGES = ("train_vae", "encode", "train_dit")  # the streaming stages: rss_growth is over these
 TITLES = {"studies": "synthetic studies", "prepare_h5ad": "prepare h5ad", "prepare_soma": "prepare SOMA",
           "mixing": "study mixing", "train_vae": "train VAE (SOMA)", "encode": "encode", "train_dit": "train DiT"}
-# a small set VAE and DiT: the run is about the data path at scale, not about model quality
+# a small set VAE and a small DiT: the run is about the data path at scale, not about model quality
 VAE_RECIPES = ["quickstart"]
 VAE_OVERRIDES = ["vae_preset=", "vae.d_model=32", "vae.n_heads=2", "vae.n_latent_tokens=8", "vae.d_latent=8",
                  "vae.n_encoder_layers=1", "vae.n_decoder_layers=1", "train.n_zero_genes=256"]
@@ -291,8 +291,9 @@ class TreeMonitor(threading.Thread):
                 continue
             rec = self.procs.get(proc.pid)
             if rec is None:
-                rec = self.procs[proc.pid] = {"pid": proc.pid, "role": self._role(proc), "peak_rss_kb": 0,
-                                              "peak_anon_kb": 0}
+                rec = self.procs[proc.pid] = {"pid": proc.pid, "role": "child", "peak_rss_kb": 0, "peak_anon_kb": 0}
+            if rec["role"] == "child":  # until it is known: a rank is a plain child until its exec sets RANK
+                rec["role"] = self._role(proc)
             rec["peak_rss_kb"] = max(rec["peak_rss_kb"], status.get("VmHWM", 0), status.get("VmRSS", 0))
             rec["peak_anon_kb"] = max(rec["peak_anon_kb"], status.get("RssAnon", 0))
 

@@ -10,7 +10,7 @@ class SourceKind(str, Enum):
     """Where training batches come from."""
 
     H5AD = "h5ad"  # cellarium-ml DistributedAnnDataCollection over h5ad shards (stage 1)
-    LATENTS = "latents"  # memory-mapped latent cache written by `encode` (stage 2)
+    LATENTS = "latents"  # latent cache written by `encode` (stage 2)
     SOMA = "soma"  # TileDB-SOMA experiment (local path, URI, or CELLxGENE Census), streamed in shuffled chunks
     MIXTURE = "mixture"  # several h5ad / SOMA sources drawn in proportion to their weights (data.sources)
 

@@ -41,6 +41,21 @@ _PART_FILE_RE = re.compile(r"^(latents|labels|cell_index)_.+_rank\d+_part\d+\.np
 _RANK_MANIFEST_RE = re.compile(r"^manifest_rank(\d+)\.json$")
 
 
+def _npy_layout(path: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """Data offset, dtype and shape of a ``.npy`` part file, from its header."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            fortran, dtype, shape = True, None, ()
+        if fortran or dtype.hasobject:
+            raise ScldmError(f"{path}: not a latent cache part (.npy version {version}); re-run `scldm-scale encode`")
+        return f.tell(), dtype, tuple(shape)
+
+
 def _save_npy_atomic(path: str, arr: np.ndarray) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -105,9 +120,10 @@ class LatentCacheWriter:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.label_attributes = list(label_attributes)
         self.part_cells = int(part_cells or max(1, _PART_BYTES // (4 * self.n_tokens * self.d_latent)))
-        self._z: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._cells: list[np.ndarray] = []
+        # one part's rows, filled in place (pages are touched as rows arrive: a small encode stays small)
+        self._z = np.empty((self.part_cells, self.n_tokens, self.d_latent), dtype=np.float32)
+        self._labels = np.empty((self.part_cells, len(self.label_attributes)), dtype=np.int64)
+        self._cells = np.empty(self.part_cells, dtype=np.int64)
         self._buffered = 0
         self.parts: list[dict[str, Any]] = []
         self.closed = False
@@ -133,29 +149,33 @@ class LatentCacheWriter:
                 f"labels_na {labels_na.shape} / cell_index_n {cell_index_n.shape} do not match {n} cells "
                 f"and {len(self.label_attributes)} label attributes"
             )
-        self._z.append(z_nmz.copy())
-        self._labels.append(labels_na.copy())
-        self._cells.append(cell_index_n.copy())
-        self._buffered += n
-        while self._buffered >= self.part_cells:
-            self._flush(self.part_cells)
+        at = 0
+        while at < n:
+            take = min(n - at, self.part_cells - self._buffered)
+            rows = slice(self._buffered, self._buffered + take)
+            self._z[rows] = z_nmz[at: at + take]
+            self._labels[rows] = labels_na[at: at + take]
+            self._cells[rows] = cell_index_n[at: at + take]
+            self._buffered += take
+            at += take
+            if self._buffered == self.part_cells:
+                self._flush()
 
-    def _flush(self, n: int) -> None:
-        z, lab, cells = (np.concatenate(b, axis=0) for b in (self._z, self._labels, self._cells))
-        k = len(self.parts)
+    def _flush(self) -> None:
+        n, k = self._buffered, len(self.parts)
         names = {key: f"{key}_{self.run_id}_rank{self.rank}_part{k}.npy" for key in ("latents", "labels", "cell_index")}
-        _save_npy_atomic(os.path.join(self.out_dir, names["latents"]), z[:n])
-        _save_npy_atomic(os.path.join(self.out_dir, names["labels"]), lab[:n])
-        _save_npy_atomic(os.path.join(self.out_dir, names["cell_index"]), cells[:n])
+        _save_npy_atomic(os.path.join(self.out_dir, names["latents"]), self._z[:n])
+        _save_npy_atomic(os.path.join(self.out_dir, names["labels"]), self._labels[:n])
+        _save_npy_atomic(os.path.join(self.out_dir, names["cell_index"]), self._cells[:n])
         self.parts.append({**names, "n_cells": int(n), "rank": self.rank})
-        self._z, self._labels, self._cells = [z[n:]], [lab[n:]], [cells[n:]]
-        self._buffered -= n
+        self._buffered = 0
 
     def close(self) -> None:
         if self.closed:
             return
         if self._buffered:
-            self._flush(self._buffered)
+            self._flush()
+        self._z, self._labels, self._cells = self._z[:0].copy(), self._labels[:0].copy(), self._cells[:0].copy()
         write_json_atomic(
             os.path.join(self.out_dir, f"manifest_rank{self.rank}.json"),
             {
@@ -264,8 +284,11 @@ class LatentCacheSource(StreamSource):
 
     Each epoch's order is a permutation of all cached cells seeded by ``(seed, epoch)`` (the stream,
     ranks, workers and resume follow :mod:`scldm_scale.data.source`); the inference pass visits
-    the cache rows in order. Parts are memory-mapped: memory is bounded by the batch (plus 4-8
-    bytes per cell for the epoch's order).
+    the cache rows in order. Rows are read from the part files with positioned reads (one per run
+    of consecutive rows), not through memory maps: mapped file pages count in the resident set of
+    the process, and random batches over a memory-mapped cache grow it towards the cache size
+    (the kernel maps whole folios around every row touched). Memory is bounded by the batch (plus
+    4-8 bytes per cell for the epoch's order).
     """
 
     token_batches = False
@@ -297,7 +320,7 @@ class LatentCacheSource(StreamSource):
         self.vocab, self.labels = None, labels
         self.offsets = np.concatenate([[0], np.cumsum([p["n_cells"] for p in self.parts])]).astype(np.int64)
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
-        self._mmaps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._layouts: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}  # part file -> offset, dtype, shape
         self._orders: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -310,7 +333,6 @@ class LatentCacheSource(StreamSource):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_mmaps"] = {}  # each worker opens its own maps
         state["_orders"] = {}
         return state
 
@@ -355,16 +377,30 @@ class LatentCacheSource(StreamSource):
             self._orders[epoch] = order
         return self._orders[epoch][lo:hi]
 
-    def _part(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if k not in self._mmaps:
-            p = self.parts[k]
-            self._mmaps[k] = tuple(
-                np.load(os.path.join(self.root, p[key]), mmap_mode="r") for key in ("latents", "labels", "cell_index")
-            )
-        return self._mmaps[k]
+    def _read_rows(self, path: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending, distinct) of a part file, one read per run of consecutive rows."""
+        if path not in self._layouts:
+            self._layouts[path] = _npy_layout(path)
+        offset, dtype, shape = self._layouts[path]
+        out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+        row_bytes = out[:1].nbytes
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        cut = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts, ends = np.r_[0, cut].tolist(), np.r_[cut, len(rows)].tolist()
+        first_rows = rows[starts].tolist()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for a, b, row in zip(starts, ends, first_rows):
+                data = os.pread(fd, (b - a) * row_bytes, offset + row * row_bytes)
+                if len(data) != (b - a) * row_bytes:
+                    raise ScldmError(f"{path}: latent cache part is truncated; re-run `scldm-scale encode`")
+                flat[a * row_bytes: b * row_bytes] = data
+        finally:
+            os.close(fd)
+        return out
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows ``ids`` (global cache order) read from the memory maps, in the order given."""
+        """Rows ``ids`` (global cache order, repeats allowed), in the order given."""
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
         z = np.empty((n, self.n_tokens, self.d_latent), dtype=np.float32)
@@ -373,12 +409,10 @@ class LatentCacheSource(StreamSource):
         part_of = np.searchsorted(self.offsets, ids, side="right") - 1
         for k in np.unique(part_of):
             sel = np.flatnonzero(part_of == k)
-            local = ids[sel] - self.offsets[k]
-            order = np.argsort(local, kind="stable")
-            z_m, lab_m, cell_m = self._part(int(k))
-            z[sel[order]] = z_m[local[order]]
-            labels[sel[order]] = lab_m[local[order]]
-            cells[sel[order]] = cell_m[local[order]]
+            rows, where = np.unique(ids[sel] - self.offsets[k], return_inverse=True)
+            part = self.parts[int(k)]
+            for key, dst in (("latents", z), ("labels", labels), ("cell_index", cells)):
+                dst[sel] = self._read_rows(os.path.join(self.root, part[key]), rows)[where]
         return {"z_nmz": z, "labels_na": labels, "cell_index_n": cells}
 
     def _batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:

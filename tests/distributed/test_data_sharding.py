@@ -198,6 +198,77 @@ def test_latent_cache_round_trip_and_atomicity(tmp_path):
         ds.library_size_stats()
 
 
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile of /proc/self/status (Linux)")
+def test_latent_cache_batches_do_not_grow_the_resident_set(tmp_path):
+    """Random batches over a cache read rows without mapping its pages: the file-backed resident set of
+    the process stays put (with memory maps it grew by about the cache size), and repeated, unordered
+    ids across parts come back in the order asked for."""
+    from scldm_scale.data.latent_cache import LatentCacheSource, LatentCacheWriter, finalize_latent_cache
+    from scldm_scale.errors import ScldmError
+
+    n, m, z = 40_000, 32, 16  # 80 MB of latents in 4 parts per rank
+    path = tmp_path / "cache"
+    for rank in range(2):
+        with LatentCacheWriter(path, rank, m, z, ["cell_type"], run_id="big", world_size=2,
+                               part_cells=5_000) as w:
+            ids = np.arange(rank * n // 2, (rank + 1) * n // 2)
+            w.write(np.broadcast_to(ids[:, None, None], (len(ids), m, z)).astype(np.float32),
+                    (ids % 7)[:, None], ids)
+    finalize_latent_cache(path, {"mean": np.zeros(m * z), "std": np.ones(m * z)}, world_size=2, run_id="big")
+    source = LatentCacheSource(path, batch_size=256, seed=1)
+    batches = source.batches()
+    next(LatentCacheSource(path, batch_size=1, shuffle=False).batches())  # code paths loaded: one row read
+    before = _rss_file_kb()
+    for _ in range(300):  # ~77k random rows: about every page of the cache
+        batch = next(batches)
+        assert (batch["z_nmz"][:, -1, -1] == batch["cell_index_n"].float()).all()
+    assert _rss_file_kb() - before < 16_384  # kB; with memory maps: about the cache's 80,000
+    ids = np.array([39_999, 3, 3, 25_001, 0, 19_999, 20_000, 3])
+    got = source.gather(ids)
+    np.testing.assert_array_equal(got["cell_index_n"], ids)
+    np.testing.assert_array_equal(got["z_nmz"][:, 0, 0], ids.astype(np.float32))
+    np.testing.assert_array_equal(got["labels_na"][:, 0], ids % 7)
+    part = path / source.parts[-1]["latents"]
+    os.truncate(part, os.path.getsize(part) - 100)
+    with pytest.raises(ScldmError, match="truncated; re-run `scldm-scale encode`"):
+        LatentCacheSource(path, batch_size=8).gather(np.array([source.n_cells - 1]))
+
+
+def test_latent_cache_writer_holds_at_most_one_part(tmp_path):
+    """Parts are cut exactly and in order from batches of any size, and the writer's memory stays within
+    one part (it held up to three: the batches, their concatenation and the rest of the previous one)."""
+    import tracemalloc
+
+    from scldm_scale.data.latent_cache import LatentCacheWriter
+
+    m, z, part = 8, 8, 1000
+    part_bytes = part * (m * z * 4 + 8 + 8)  # latents, one label, cell id
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 700, 40)
+    batches = [(np.full((k, m, z), i, dtype=np.float32), np.full((k, 1), i), np.arange(k) + 1000 * i)
+               for i, k in enumerate(sizes)]
+    tracemalloc.start()
+    try:
+        with LatentCacheWriter(tmp_path, 0, m, z, ["cell_type"], run_id="mem", world_size=1, part_cells=part) as w:
+            for batch in batches:
+                w.write(*batch)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * part_bytes
+    total = int(sizes.sum())
+    assert [p["n_cells"] for p in w.parts] == [part] * (total // part) + [total % part]
+    cells = np.concatenate([np.load(tmp_path / p["cell_index"]) for p in w.parts])
+    np.testing.assert_array_equal(cells, np.concatenate([b[2] for b in batches]))
+    z_all = np.concatenate([np.load(tmp_path / p["latents"]) for p in w.parts])
+    np.testing.assert_array_equal(z_all[:, 0, 0], np.repeat(np.arange(len(sizes)), sizes))
+
+
 def test_stale_manifests_of_an_earlier_run_with_more_ranks_are_never_merged(tmp_path):
     from scldm_scale.data.latent_cache import LatentCacheSource, LatentCacheWriter, finalize_latent_cache
     from scldm_scale.errors import ScldmError

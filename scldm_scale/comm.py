@@ -120,15 +120,36 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def on_rank0(fn, *args: Any) -> Any:
+    """``fn(*args)`` on rank 0 only, the others waiting; if it fails, every rank raises (rank 0 its own
+    error, the others a ScldmError naming it), so that no rank is left waiting at a later collective.
+    Returns rank 0's result on rank 0, None on the others."""
+    result, failure = None, None
+    if rank() == 0:
+        try:
+            result = fn(*args)
+        except BaseException as err:
+            failure = err
+    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ScldmError(f"rank 0 failed ({message}); see rank 0's output")
+    return result
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier(group=_cpu_group())
 
 
 def destroy() -> None:
-    """Leave the process group (and forget the control-plane group)."""
+    """Leave the process group (and forget the control-plane group) once every rank has arrived: a rank
+    that tore its connections down while another still used them would abort. Call it on the success
+    path only; after an error, let the process exit with its traceback."""
     global _CPU_GROUP
     if is_distributed():
+        barrier()
         dist.destroy_process_group()
     _CPU_GROUP = None
 

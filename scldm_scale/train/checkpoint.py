@@ -8,9 +8,11 @@ Layout of ``<run dir>/checkpoints/``::
 
 A checkpoint is written into ``<tag>.partial`` by every rank; only after all ranks have finished
 (barrier) does rank 0 rename it to ``<tag>`` and then replace ``latest``. A crash at any point
-leaves the previous checkpoint and ``latest`` untouched; stale ``.partial`` folders are removed
-on the next save. The client file of each rank holds the step, the data loader position, the RNG
-states and (rank 0) the EMA weights; it is loaded with ``weights_only=True``.
+leaves the previous checkpoint and ``latest`` untouched (a step saved again keeps its earlier copy
+as ``<tag>.old`` until the new one is in place); stale ``.partial`` folders are removed on the next
+save. The client file of each rank holds the step, the data position, the RNG states and the EMA
+(rank 0's full copy, or every rank's own slices under ZeRO-3: :mod:`scldm_scale.train.ema`); it is
+loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from scldm_scale import comm
+from scldm_scale.io import atomic_path, write_text_atomic
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 
@@ -36,20 +42,23 @@ def latest_tag(root: str | os.PathLike) -> str | None:
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
-    return tag if (Path(root) / tag).is_dir() else None
+    if (Path(root) / tag).is_dir():
+        return tag
+    # a save of the same step again was cut off between its two renames: the earlier copy is complete
+    return f"{tag}.old" if (Path(root) / f"{tag}.old").is_dir() else None
 
 
 def save_checkpoint(engine, root: str | os.PathLike, step: int, client: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank calls it. ``client`` is this rank's own state."""
     root = Path(root)
-    rank = dist.get_rank()
+    rank = comm.rank()
     tag = _tag(step)
     partial = f"{tag}.partial"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -60,21 +69,20 @@ def save_checkpoint(engine, root: str | os.PathLike, step: int, client: dict[str
     universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     engine.save_checkpoint(str(root), tag=partial, client_state={UNIVERSAL_CHECKPOINT_INFO: universal_info},
                            save_latest=False)
-    client_path = root / partial / f"client_rank{rank}.pt"
-    tmp = client_path.with_name(f".{client_path.name}.tmp")
-    torch.save(client, tmp)
-    os.replace(tmp, client_path)
-    dist.barrier()
+    with atomic_path(root / partial / f"client_rank{rank}.pt") as tmp:
+        torch.save(client, tmp)
+    comm.barrier()
     if rank == 0:
         final = root / tag
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f"{tag}.old"
+        if final.exists():  # the same step saved again: the complete copy stays until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(root / partial, final)
-        pointer_tmp = root / ".latest.tmp"
-        pointer_tmp.write_text(tag)
-        os.replace(pointer_tmp, root / "latest")
+        write_text_atomic(root / "latest", tag)
+        shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last, keep=tag)
-    dist.barrier()
+    comm.barrier()
     return root / tag
 
 
@@ -101,14 +109,13 @@ UNIVERSAL = "universal"
 
 def ensure_universal(root: str | os.PathLike) -> None:
     """Collective. Convert the latest checkpoint to DeepSpeed's universal format (once, by rank 0),
-    so it can be loaded on a different number of ranks."""
-    tag = latest_tag(root)
-    folder = Path(root) / str(tag)
+    so it can be loaded on a different number of ranks; a failed conversion fails every rank."""
+    folder = Path(root) / str(latest_tag(root))
     target = folder / UNIVERSAL
-    if dist.get_rank() == 0 and not (target / "done").is_file():
-        import subprocess
-        import sys
 
+    def convert() -> None:
+        if (target / "done").is_file():
+            return
         shutil.rmtree(target, ignore_errors=True)
         tmp = folder / f".{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,7 +127,8 @@ def ensure_universal(root: str | os.PathLike) -> None:
         (tmp / UNIVERSAL / "done").write_text("ok")
         os.replace(tmp / UNIVERSAL, target)
         shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+
+    comm.on_rank0(convert)
 
 
 def load_checkpoint(engine, root: str | os.PathLike, universal: bool = False) -> dict[str, Any] | None:
@@ -138,7 +146,7 @@ def load_checkpoint(engine, root: str | os.PathLike, universal: bool = False) ->
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
-    rank = dist.get_rank()
+    rank = comm.rank()
     path = root / tag / f"client_rank{rank}.pt"
     if universal or not path.is_file():  # another world size: rank 0's client state is the common one
         path = root / tag / "client_rank0.pt"
@@ -180,16 +188,26 @@ def use_safe_loading(engine) -> None:
     engine.checkpoint_engine.__class__ = SafeTorchCheckpointEngine
 
 
-def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Collective. The full (unpartitioned) fp32 weights; complete on every rank."""
-    module = engine.module
-    if int(zero_stage) == 3:
-        import deepspeed
+def consolidated_state_dict(engine, dst: int = 0) -> dict[str, torch.Tensor] | None:
+    """Collective. The full fp32 weights on rank ``dst`` (None elsewhere): the optimizer's fp32 master
+    copy where mixed precision keeps one (ZeRO 1-3, bf16/fp16), gathered parameter by parameter so
+    that no rank but ``dst`` holds the whole model; persistent buffers as they are."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
+    module = engine.module
+    keep = comm.rank() == dst
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # collective under ZeRO 1-3; None without a master copy
+        if keep:
+            state[name] = (param.detach() if full is None else full).float().cpu().clone()
+    if not keep:
+        return None
+    params = dict(module.named_parameters())
+    for name, value in module.state_dict().items():
+        if name not in params:
+            state[name] = value.detach().float().cpu().clone()
+    return state
 
 
 def fp32_state_dict_from_checkpoint(root: str | os.PathLike, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ rank, like the fp32 master weights. Full weights exist only when asked for (:met
 a collective), i.e. to sample or to export.
 
 Checkpoints hold :meth:`EMA.state_dict` of every rank (its slices under ZeRO-3, the full shadow
-otherwise); :func:`repartition` turns the slices written on one number of ranks into those of another.
+otherwise); :func:`ema_state_for` gives each rank what it loads, also on another number of ranks
+(:func:`unpartition`, then :func:`partition`).
 """
 
 from __future__ import annotations

@@ -172,8 +172,3 @@ def build_engine(model: nn.Module, cfg: Any, micro_batch_size: int, run_dir: Pat
     )
     use_safe_loading(engine)
     return engine
-
-
-def destroy_distributed() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

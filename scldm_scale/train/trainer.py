@@ -151,11 +151,10 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Collective: consolidate the weights (and the EMA) and write the export on rank 0."""
-        state = consolidated_state_dict(self.engine, self.zero_stage)
+        state = consolidated_state_dict(self.engine)
         ema_state = self.ema.consolidated() if self.ema is not None else None
-        if self.rank != 0:
-            return None
-        return write_export(self.run_dir, self.cfg, state, ema_state, artifacts=self.stage.export_artifacts())
+        artifacts = self.stage.export_artifacts()
+        return comm.on_rank0(lambda: write_export(self.run_dir, self.cfg, state, ema_state, artifacts=artifacts))
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         self._preempted = True
@@ -224,7 +223,9 @@ class Trainer:
                 self.save()
                 last_saved = self.step
             self._preempted = comm.any_rank(self._preempted)  # a CPU collective: no device sync
-        if self.step != last_saved or self._preempted or self.step < self.max_steps:
+        if window_steps:  # the steps since the last log step (a stop between log steps)
+            self._log(window, window_steps, max(time.perf_counter() - t_window, 1e-9))
+        if self.step != last_saved:  # a checkpoint of this step may already exist (ckpt_every)
             self.save()
         if self.step >= self.max_steps:
             self.export()
@@ -241,7 +242,7 @@ class Trainer:
         if self.ema is not None:
             weights = self.ema.consolidated()
         else:
-            weights = consolidated_state_dict(self.engine, self.zero_stage)
+            weights = consolidated_state_dict(self.engine)
         if self.sample_quality is not None:
             self.logger.log(self.sample_quality(weights), self.step)
 
@@ -277,6 +278,7 @@ def train(cfg: DictConfig) -> Path:
         trainer.train()
     finally:
         trainer.close()
+    comm.destroy()
     return trainer.run_dir
 
 

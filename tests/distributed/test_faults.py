@@ -257,7 +257,8 @@ REJOIN = textwrap.dedent('''
     import torch
     import torch.distributed as dist
 
-    from scldm_scale.train.engine import destroy_distributed, init_distributed
+    from scldm_scale.comm import destroy as destroy_distributed
+    from scldm_scale.train.engine import init_distributed
 
     attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
     if attempt > 0 and rank == 1:

@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from scldm_scale.data.config import DataConfig
 from scldm_scale.errors import ScldmError
+from scldm_scale.io import write_text_atomic
 from scldm_scale.flow.guidance import GuidanceMode, check_interval
 from scldm_scale.flow.interpolant import TimeSampling
 from scldm_scale.flow.samplers import SamplerKind
@@ -325,16 +326,17 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_object(cfg: DictConfig) -> Config:
     """Typed view of the config (dataclass instances with enums)."""
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def typed_section(section: DictConfig, cls):
+    """A config section as its typed dataclass (``typed_section(cfg.vae, VAEConfig)``)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), section))
 
 
 def run_dir(cfg: DictConfig | Config) -> Path:

@@ -70,17 +70,26 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def advance(self, n: int = 1, **fields: Any) -> None:
-        self.update(self.completed + int(n), **fields)
+    def advance(self, n: int = 1, description: str | None = None, **fields: Any) -> None:
+        self.update(self.completed + int(n), description, **fields)
 
-    def update(self, completed: int | None = None, **fields: Any) -> None:
+    def print(self, line: str) -> None:
+        """A message line, above the bar on a terminal (the bar stays at the bottom)."""
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def update(self, completed: int | None = None, description: str | None = None, **fields: Any) -> None:
         if not self.enabled:
             return
         if completed is not None:
             self.completed = int(completed)
+        if description is not None:
+            self.description = description
         self._fields.update(fields)
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.completed,
+            self._bar.update(self._task, completed=self.completed, description=self.description,
                              **{k: _format_field(v) for k, v in fields.items()})
             return
         now = time.perf_counter()

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from scldm_scale.data.vocab import read_json, write_json_atomic
+from scldm_scale.data.vocab import read_json
+from scldm_scale.io import write_json_atomic
 from scldm_scale.errors import ScldmError
 
 UNKNOWN = "unknown"

@@ -30,7 +30,8 @@ import torch
 
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.source import Block, StreamSource, batch_ranges, inference_range
-from scldm_scale.data.vocab import read_json, write_json_atomic
+from scldm_scale.data.vocab import read_json
+from scldm_scale.io import atomic_path, write_json_atomic
 from scldm_scale import comm
 from scldm_scale.errors import ScldmError
 
@@ -54,17 +55,6 @@ def _npy_layout(path: str) -> tuple[int, np.dtype, tuple[int, ...]]:
         if fortran or dtype.hasobject:
             raise ScldmError(f"{path}: not a latent cache part (.npy version {version}); re-run `scldm-scale encode`")
         return f.tell(), dtype, tuple(shape)
-
-
-def _save_npy_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _jsonable(value: Any) -> Any:
@@ -164,9 +154,9 @@ class LatentCacheWriter:
     def _flush(self) -> None:
         n, k = self._buffered, len(self.parts)
         names = {key: f"{key}_{self.run_id}_rank{self.rank}_part{k}.npy" for key in ("latents", "labels", "cell_index")}
-        _save_npy_atomic(os.path.join(self.out_dir, names["latents"]), self._z[:n])
-        _save_npy_atomic(os.path.join(self.out_dir, names["labels"]), self._labels[:n])
-        _save_npy_atomic(os.path.join(self.out_dir, names["cell_index"]), self._cells[:n])
+        for key, rows in (("latents", self._z), ("labels", self._labels), ("cell_index", self._cells)):
+            with atomic_path(os.path.join(self.out_dir, names[key])) as tmp, open(tmp, "wb") as f:
+                np.save(f, rows[:n])
         self.parts.append({**names, "n_cells": int(n), "rank": self.rank})
         self._buffered = 0
 

@@ -1,47 +1,42 @@
-"""Console output of ``prepare``: a progress bar (rich, on stderr, transient) plus info lines
-(hidden when quiet) and warnings."""
+"""Console output of ``prepare``: one progress bar at a time (:class:`scldm_scale.progress.Progress`:
+a bar on a terminal, plain lines in a log), info lines (hidden when quiet) and warnings (always)."""
 
 from __future__ import annotations
 
 import sys
 
+from scldm_scale.progress import Progress
+
 
 class Reporter:
-    """Progress bar plus info lines (shown only with ``progress``) and warnings (always)."""
+    """Progress of the current step plus info lines (shown only with ``progress``) and warnings."""
 
     def __init__(self, progress: bool) -> None:
         self.progress = progress
-        self.bar = None
-        self.console = None
+        self.current: Progress | None = None
 
     def start(self) -> None:
-        if not self.progress:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.console = Console(file=sys.stderr, highlight=False)
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=self.console, transient=True,
-        )
-        self.bar.start()
+        """Nothing to set up: every :meth:`task` starts its own bar."""
 
     def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        if self.current is not None:
+            self.current.close()
+            self.current = None
 
-    def task(self, description: str, total: int):
-        return self.bar.add_task(description, total=total) if self.bar is not None else None
+    def task(self, description: str, total: int) -> Progress | None:
+        """A new step (the previous one's bar ends); None when quiet."""
+        self.stop()
+        if self.progress:
+            self.current = Progress(total, description, stream=sys.stderr)
+        return self.current
 
-    def advance(self, task, n: int = 1, description: str | None = None) -> None:
-        if self.bar is not None and task is not None:
-            self.bar.update(task, advance=n, **({"description": description} if description else {}))
+    def advance(self, task: Progress | None, n: int = 1, description: str | None = None) -> None:
+        if task is not None:
+            task.advance(n, description)
 
     def _print(self, line: str) -> None:
-        if self.console is not None:
-            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if self.current is not None:
+            self.current.print(line)
         else:
             print(line, file=sys.stderr, flush=True)
 

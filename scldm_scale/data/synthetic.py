@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.data.writers import PreparedWriter, swap_in, write_h5ad
 from scldm_scale.errors import ScldmError
+from scldm_scale.progress import Progress
 
 LABEL_COLUMNS = ("cell_type", "tissue", "donor")
 _CHUNK_VALUES = 1 << 22  # dense values generated at once
@@ -111,17 +111,6 @@ def _split_sizes(n: int, k: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(k)]
 
 
-def _progress_bar(enabled: bool, total: int, description: str):
-    if not enabled:
-        return None, None
-    from rich.console import Console
-    from rich.progress import Progress
-
-    bar = Progress(console=Console(file=sys.stderr), transient=True)
-    bar.start()
-    return bar, bar.add_task(description, total=total)
-
-
 def _check_out_dir(out_dir: str, overwrite: bool) -> str:
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -188,7 +177,7 @@ def write_synthetic_atlas(
     sizes = _split_sizes(n_train, n_shards)
     files = [f"shard_{i:04d}.h5ad" for i in range(n_shards)]
     tmp = _check_out_dir(out_dir, overwrite)
-    bar, task = _progress_bar(progress, n_cells, "synthetic atlas")
+    bar = Progress(n_cells, "synthetic atlas", enabled=progress)
     try:
         writer = PreparedWriter(tmp, var)
         start = 0
@@ -204,8 +193,7 @@ def write_synthetic_atlas(
                 writer.write_shard(fname, x, obs)
             start += k
             del x
-            if bar is not None:
-                bar.advance(task, k)
+            bar.advance(k)
         meta = writer.finish(
             GeneVocab(gene_ids, version="synthetic-1", symbols=symbols),
             LabelTables(categories),
@@ -228,8 +216,7 @@ def write_synthetic_atlas(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
     return meta
 
 
@@ -404,7 +391,7 @@ def write_synthetic_studies(
     tissues = [f"tissue_{i}" for i in range(n_tissues)]
 
     tmp = _check_out_dir(out_dir, overwrite)
-    bar, task = _progress_bar(progress, n_cells, "synthetic studies")
+    bar = Progress(n_cells, "synthetic studies", enabled=progress)
     paths = []
     try:
         for s in range(n_studies):
@@ -426,8 +413,7 @@ def write_synthetic_studies(
             blocks = []
             for lo in range(0, n, per_chunk):
                 blocks.append(sampler.sample(row_n[lo : lo + per_chunk], umis_n[lo : lo + per_chunk], srng))
-                if bar is not None:
-                    bar.advance(task, min(per_chunk, n - lo))
+                bar.advance(min(per_chunk, n - lo))
             counts = _stack_rows(blocks)
             obs = pd.DataFrame(
                 {
@@ -457,6 +443,5 @@ def write_synthetic_studies(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
     return paths

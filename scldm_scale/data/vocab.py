@@ -11,24 +11,9 @@ import numpy as np
 import pandas as pd
 
 from scldm_scale.errors import ScldmError
+from scldm_scale.io import write_json_atomic
 
 VOCAB_FORMAT = "scldm-scale/gene-vocab"
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temp sibling and ``os.replace`` (never half-written)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:

@@ -31,7 +31,8 @@ import scipy.sparse
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.reporter import Reporter
 from scldm_scale.data.validate import HELDOUT_NAME
-from scldm_scale.data.vocab import GeneVocab, write_json_atomic
+from scldm_scale.data.vocab import GeneVocab
+from scldm_scale.io import write_json_atomic
 
 FORMAT = "scldm-scale/h5ad-shards"
 FORMAT_VERSION = 1

@@ -11,33 +11,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 import warnings
 
 import numpy as np
 
-__all__ = ["write_report", "embed_2d", "atomic_write_bytes"]
+from scldm_scale.io import write_bytes_atomic
 
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["write_report", "embed_2d"]
 
 
 def embed_2d(ref_np: np.ndarray, gen_np: np.ndarray, method: str = "auto",
@@ -194,7 +174,7 @@ def write_report(path_png_or_html: str, ref_np, gen_np, labels_ref, labels_gen, 
             f"{rows}\n</table>\n<img alt=\"evaluation report\" src=\"data:image/png;base64,"
             f"{base64.b64encode(png).decode('ascii')}\"/>\n</body></html>\n"
         )
-        atomic_write_bytes(path_png_or_html, page.encode("utf-8"))
+        write_bytes_atomic(path_png_or_html, page.encode("utf-8"))
     else:
-        atomic_write_bytes(path_png_or_html, png)
+        write_bytes_atomic(path_png_or_html, png)
     return str(path_png_or_html)

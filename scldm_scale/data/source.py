@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from pathlib import Path
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -46,8 +47,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from scldm_scale import comm
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.tokenize import pad_token_batch
+from scldm_scale.data.validate import HELDOUT_NAME
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.errors import ScldmError
 
@@ -112,11 +115,7 @@ class Block(NamedTuple):
 
 def dist_rank_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` when none is initialized."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return comm.rank(), comm.world_size()
 
 
 def worker_id_and_count() -> tuple[int, int]:
@@ -152,6 +151,11 @@ def log_library_stats(totals_n: np.ndarray) -> tuple[float, float]:
     if not len(log_n):
         return 0.0, 1.0
     return float(log_n.mean()), float(max(log_n.std(), 0.1))
+
+
+def heldout_beside(path: str) -> Path:
+    """``heldout.h5ad`` beside the training data (``data.path``: a folder, a glob or a brace pattern)."""
+    return Path(data_dir(path)) / HELDOUT_NAME
 
 
 def data_dir(path: str) -> str:
@@ -279,16 +283,12 @@ class StreamSource(ABC):
         if num_workers == 0:
             batches: Iterable[dict] = iter(stream)
         else:
-            batches = DataLoader(
-                stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                pin_memory=pin_memory and not compact,
-            )
+            batches = DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
         for batch in batches:
-            if "length_n" in batch:
-                if pad:
-                    batch = pad_token_batch(batch)
-                if pin_memory:
-                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if pad and "length_n" in batch:
+                batch = pad_token_batch(batch)
+            if pin_memory:  # page-locked, for the non-blocking copy to the GPU
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             self._position += step
             yield batch
 

@@ -190,23 +190,3 @@ def pad_fraction(length_n: np.ndarray | torch.Tensor, width: int | None = None) 
         return 0.0
     width = max(int(len_n.max()), 1) if width is None else int(width)
     return float(1.0 - len_n.sum() / (width * len(len_n)))
-
-
-def collate_token_batches(batches: list[dict]) -> dict:
-    """Concatenate token batches along cells, padding ``*_ns`` tensors to the longest ``s``."""
-    if not batches:
-        raise ValueError("collate_token_batches: no batches given")
-    keys = list(batches[0])
-    s = max(b["mask_ns"].shape[1] for b in batches if "mask_ns" in b) if "mask_ns" in batches[0] else 0
-    out: dict = {}
-    for key in keys:
-        parts = [b[key] for b in batches]
-        if key.endswith("_ns"):
-            padded = []
-            for p in parts:
-                if p.shape[1] < s:
-                    p = torch.nn.functional.pad(p, (0, s - p.shape[1]), value=0)
-                padded.append(p)
-            parts = padded
-        out[key] = torch.cat(parts, dim=0)
-    return out

@@ -34,8 +34,8 @@ class GuidanceMode(str, Enum):
 
 def drop_labels(
     labels_na: Tensor,
-    drop_probs_a: Sequence[float],
-    null_codes_a: Sequence[int],
+    drop_probs_a: Sequence[float] | Tensor,
+    null_codes_a: Sequence[int] | Tensor,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Replace each attribute by its null code independently with probability ``drop_probs_a[a]``."""
@@ -48,8 +48,9 @@ def drop_labels(
         return labels_na
     draw_device = generator.device if generator is not None else labels_na.device
     u_na = torch.rand(n, a, generator=generator, device=draw_device).to(labels_na.device)
-    probs_a = torch.tensor(list(drop_probs_a), dtype=u_na.dtype, device=labels_na.device)
-    null_a = torch.tensor(list(null_codes_a), dtype=labels_na.dtype, device=labels_na.device)
+    # tensors already on the device pass through (a per-step list -> device copy would block on the GPU)
+    probs_a = torch.as_tensor(drop_probs_a, dtype=u_na.dtype, device=labels_na.device)
+    null_a = torch.as_tensor(null_codes_a, dtype=labels_na.dtype, device=labels_na.device)
     return torch.where(u_na < probs_a, null_a.expand(n, a), labels_na)
 
 

@@ -10,16 +10,17 @@ the :class:`~scldm_scale.train.trainer.Trainer` does everything else.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from scldm_scale.api.run import export_path, load_export
-from scldm_scale.config import DecodeGenes, Stage, derive
+from scldm_scale.api.run import export_path, load_export_config
+from scldm_scale.config import DecodeGenes, Stage, derive, run_dir, typed_section
 from scldm_scale.data.config import SourceKind
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.latent_cache import read_latent_stats
@@ -35,10 +36,6 @@ from scldm_scale.nn.speed import compile_blocks
 from scldm_scale.nn.vae import ScVAE, VAEConfig, vae_train_flops
 from scldm_scale.train.export import json_artifact
 from scldm_scale.train.sample_quality import SampleQuality, resolve_sample_reference
-
-
-def _typed(section: DictConfig, cls):
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), section))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +167,7 @@ class VAEStage:
         self.vocab, self.labels = self.source.vocab, self.source.labels
         derive(cfg, n_genes=len(self.vocab), label_cardinalities=self.labels.cardinalities,
                log_library=self.source.library_size_stats())
-        self.model_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
+        self.model_cfg: VAEConfig = typed_section(cfg.vae, VAEConfig)
         self.decode_mode = DecodeGenes(cfg.train.decode_genes)
 
     padded_batches = False  # the loader hands packed token batches (tokenize.COMPACT_KEYS)
@@ -223,7 +220,7 @@ class LDMStage:
         if not cfg.ldm.vae_run:
             raise ScldmError("run.stage=ldm needs ldm.vae_run=<run dir of the trained VAE>")
         self.vae_export = export_path(cfg.ldm.vae_run)
-        vae_cfg, _ = load_export(cfg.ldm.vae_run)
+        vae_cfg = load_export_config(cfg.ldm.vae_run)
         latents = cfg.ldm.latents or str(Path(cfg.ldm.vae_run) / "latents")
         if not (Path(latents) / "manifest.json").is_file():
             raise ScldmError(f"{latents}: no latent cache (manifest.json); run `scldm-scale encode` on the VAE run first")
@@ -237,13 +234,14 @@ class LDMStage:
         cfg.data.label_columns = list(self.labels.attributes)
         vae = vae_cfg.vae
         derive(cfg, label_cardinalities=self.labels.cardinalities, vae=vae)
-        self.model_cfg: DiTConfig = _typed(cfg.dit, DiTConfig)
+        self.model_cfg: DiTConfig = typed_section(cfg.dit, DiTConfig)
         stats = read_latent_stats(latents)
         self.stats = stats
         self.mean_mz = torch.tensor(stats["mean"], dtype=torch.float32).reshape(vae.n_latent_tokens, vae.d_latent)
         self.std_mz = torch.tensor(stats["std"], dtype=torch.float32).reshape(vae.n_latent_tokens, vae.d_latent)
         self.null_codes = list(self.model_cfg.label_cardinalities)
         self.drop_probs = [float(p) for p in cfg.flow.label_dropout]
+        self._device_consts: tuple[torch.Tensor, ...] | None = None
         self.time_sampling = TimeSampling(cfg.flow.time_sampling)
 
     def build_model(self) -> nn.Module:
@@ -255,10 +253,20 @@ class LDMStage:
     def build_source(self):
         return build_source(self.cfg.data, labels=self.labels)
 
+    def _on_device(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Latent mean/std, label-drop probabilities and null codes on ``device``, copied once (a copy
+        from host memory at every step would wait for the GPU)."""
+        if self._device_consts is None or self._device_consts[0].device != device:
+            self._device_consts = (self.mean_mz.to(device), self.std_mz.to(device),
+                                   torch.tensor(self.drop_probs, dtype=torch.float32).to(device),
+                                   torch.tensor(self.null_codes, dtype=torch.long).to(device))
+        return self._device_consts
+
     def loss(self, engine, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         z_nmz = batch["z_nmz"].float()
-        x1_nmz = (z_nmz - self.mean_mz.to(z_nmz.device)) / self.std_mz.to(z_nmz.device)
-        labels_na = drop_labels(batch["labels_na"], self.drop_probs, self.null_codes, generator)
+        mean_mz, std_mz, drop_probs_a, null_codes_a = self._on_device(z_nmz.device)
+        x1_nmz = (z_nmz - mean_mz) / std_mz  # (n, m, z) standardized
+        labels_na = drop_labels(batch["labels_na"], drop_probs_a, null_codes_a, generator)
         dtype = next(engine.module.parameters()).dtype
         out = flow_matching_loss(
             lambda x_nmz, t_n: engine(x_nmz.to(dtype), t_n.to(dtype), labels_na).float(),
@@ -281,7 +289,10 @@ class LDMStage:
         return {
             "labels.json": self.labels.save,
             "latent_stats.json": json_artifact(self.stats),
-            "vae_run.json": json_artifact({"vae_run": str(Path(self.cfg.ldm.vae_run).resolve())}),
+            # absolute, and relative to this run, so that the pair of runs can move together
+            "vae_run.json": json_artifact({"vae_run": str(Path(self.cfg.ldm.vae_run).resolve()),
+                                           "vae_run_relative": os.path.relpath(Path(self.cfg.ldm.vae_run).resolve(),
+                                                                               run_dir(self.cfg).resolve())}),
         }
 
 

@@ -28,12 +28,12 @@ import traceback
 
 import torch
 
-from scldm_scale.cli import _split_recipes
+from scldm_scale.cli import split_recipes
 from scldm_scale.config import load_config
 from scldm_scale.train.trainer import Trainer
 
 out, items = sys.argv[1], sys.argv[2:]
-trainer = Trainer(load_config(*_split_recipes(items)))
+trainer = Trainer(load_config(*split_recipes(items)))
 batches = trainer.batches()
 for _ in range(4):  # warm-up: lazy initialisation, and ZeRO-3's recording of the parameter order
     trainer.train_step(batches)

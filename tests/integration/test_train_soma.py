@@ -30,12 +30,12 @@ FILTER = "tissue in ['tissue_0', 'tissue_1', 'tissue_2']"
 DRIVER = """
 import sys
 import numpy as np
-from scldm_scale.cli import _split_recipes
+from scldm_scale.cli import split_recipes
 from scldm_scale.config import load_config
 from scldm_scale.train.trainer import Trainer
 
 out, items = sys.argv[1], sys.argv[2:]
-trainer = Trainer(load_config(*_split_recipes(items)))
+trainer = Trainer(load_config(*split_recipes(items)))
 batches, seen = trainer.source.batches, []
 
 

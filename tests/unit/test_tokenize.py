@@ -9,7 +9,6 @@ import torch
 
 from scldm_scale.data.tokenize import (
     COMPACT_KEYS,
-    collate_token_batches,
     pack_token_batch,
     pad_fraction,
     pad_token_batch,
@@ -128,19 +127,6 @@ def test_all_empty_batch_has_one_masked_column():
     batch = tokenize_counts(x, _var_map(), np.zeros((4, 1)), 16, np.random.default_rng(0))
     assert batch["mask_ns"].shape == (4, 1) and not batch["mask_ns"].any()
     assert (batch["library_size_n"] == 0).all()
-
-
-def test_collate_pads_to_longest():
-    var_map = _var_map()
-    x = _block(density=0.6)
-    short = tokenize_counts(x[:4], var_map, np.zeros((4, 1)), 3, np.random.default_rng(0))
-    long = tokenize_counts(x[4:], var_map, np.ones((N_CELLS - 4, 1)), 100, np.random.default_rng(0))
-    out = collate_token_batches([short, long])
-    s = long["mask_ns"].shape[1]
-    assert out["gene_ids_ns"].shape == (N_CELLS, s) and out["mask_ns"].shape == (N_CELLS, s)
-    assert torch.equal(out["mask_ns"][:4, :3], short["mask_ns"]) and not out["mask_ns"][:4, 3:].any()
-    assert torch.equal(out["counts_ns"][4:], long["counts_ns"])
-    assert out["labels_na"][:, 0].tolist() == [0] * 4 + [1] * (N_CELLS - 4)
 
 
 def test_packed_form_carries_the_tokens_the_cap_dropped():

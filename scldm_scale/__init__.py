@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ _logger = logging.getLogger(__name__)
 if not _logger.handlers:  # one-line messages (gene matching, dropped genes) on stderr, as scverse tools do
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    # under torchrun every rank runs the same code: only rank 0 speaks
+    _handler.addFilter(lambda record: os.environ.get("RANK", "0") == "0")
     _logger.addHandler(_handler)
     _logger.setLevel(logging.INFO)
     _logger.propagate = False

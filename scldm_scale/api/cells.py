@@ -18,23 +18,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scldm_scale.data.gene_ids import ID_COLUMNS, SYMBOL_COLUMNS, strip_version
 from scldm_scale.data.tokenize import tokenize_counts
 from scldm_scale.data.validate import check_counts
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.errors import ScldmError
 
 log = logging.getLogger(__name__)
-
-ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id", "ensembl_ids", "var_id")
-SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol")
-
-
-def _strip_version(names: np.ndarray) -> np.ndarray:
-    """``ENSG00000123.4`` -> ``ENSG00000123`` (other names unchanged)."""
-    s = pd.Series(names, dtype=object).astype(str)
-    versioned = s.str.match(r"^ENS[A-Z]*G\d+\.\d+$")
-    return np.where(versioned, s.str.replace(r"\.\d+$", "", regex=True), s).astype(object)
-
 
 @dataclass(frozen=True)
 class GeneMatch:
@@ -90,7 +80,7 @@ def match_genes(var: pd.DataFrame, vocab: GeneVocab, gene_key: str | None = None
         candidates = {key: candidates[key]}
     best: GeneMatch | None = None
     for key, names in candidates.items():
-        maps = [(vocab.index_map(names), key), (vocab.index_map(_strip_version(names)), key)]
+        maps = [(vocab.index_map(names), key), (vocab.index_map(strip_version(names)), key)]
         by_symbol = symbol_map(vocab, names)
         if by_symbol is not None:
             maps.append((by_symbol, f"{key} as symbols"))

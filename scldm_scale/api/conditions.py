@@ -129,6 +129,14 @@ def normalize_conditions(conditions: Any) -> Conditions:
     return out
 
 
+def obs_codes(labels: LabelTables, obs: pd.DataFrame) -> np.ndarray:
+    """Label codes ``labels_na`` of cells described by ``obs``: a value the tables lack is ``unknown``,
+    an attribute without a column is left unconditioned (its null code)."""
+    columns = [labels.encode(a, obs[a]) if a in obs.columns else np.full(len(obs), null, dtype=np.int64)
+               for a, null in zip(labels.attributes, labels.cardinalities)]
+    return np.stack(columns, 1) if columns else np.zeros((len(obs), 0), dtype=np.int64)
+
+
 def condition_codes(conditions: Conditions, labels: LabelTables, strict: bool = True
                     ) -> tuple[torch.Tensor, pd.DataFrame]:
     """Label codes ``labels_na`` (one row per requested cell) and the matching obs table.

@@ -68,8 +68,6 @@ def encode_dataset(vae_run: str | os.PathLike, overrides: Sequence[str] = (), ou
     count = sums[-1].clamp(min=1)
     mean = sums[: m * z] / count
     std = (sums[m * z: 2 * m * z] / count - mean * mean).clamp(min=1e-12).sqrt()
-    if rank == 0:
-        finalize_latent_cache(out, {"mean": mean.tolist(), "std": std.tolist(), "n_cells": int(sums[-1]),
-                                    "shape": [m, z]}, world_size=world, run_id=run_id)
-    comm.barrier()
+    stats = {"mean": mean.tolist(), "std": std.tolist(), "n_cells": int(sums[-1]), "shape": [m, z]}
+    comm.on_rank0(lambda: finalize_latent_cache(out, stats, world_size=world, run_id=run_id))
     return out

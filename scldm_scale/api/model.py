@@ -33,7 +33,7 @@ import torch
 
 from scldm_scale import comm
 from scldm_scale.api.cells import GeneMatch, counts_matrix, match_genes, token_batches
-from scldm_scale.api.conditions import condition_codes, conditions_matching, normalize_conditions
+from scldm_scale.api.conditions import condition_codes, conditions_matching, normalize_conditions, obs_codes
 from scldm_scale.api.run import TrainedDiT, TrainedVAE, load_dit, load_vae, run_stage
 from scldm_scale.api.sampling import (
     CountBlock,
@@ -145,13 +145,6 @@ class ScLDM:
         match = match_genes(adata.var, self._vae.vocab, gene_key)
         return counts_matrix(adata, layer), match
 
-    def _obs_codes(self, obs: pd.DataFrame) -> np.ndarray:
-        """Label codes of obs (unknown for unseen values; the unknown code where a column is missing)."""
-        labels = self._vae.labels
-        codes = [labels.encode(a, obs[a]) if a in obs.columns else np.full(len(obs), labels.unknown_code(a))
-                 for a in labels.attributes]
-        return np.stack(codes, 1) if codes else np.zeros((len(obs), 0), dtype=np.int64)
-
     @torch.no_grad()
     def _latents(self, x_ng, match: GeneMatch, labels_na: np.ndarray, seed: int, batch_size: int,
                  row_offset: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +172,7 @@ class ScLDM:
         more than the run's ``data.max_genes`` expressed genes are subsampled with ``seed``.
         """
         x_ng, match = self._read(adata, layer, gene_key)
-        z_nmz, library_n = self._latents(x_ng, match, self._obs_codes(adata.obs), seed, batch_size,
+        z_nmz, library_n = self._latents(x_ng, match, obs_codes(self._vae.labels, adata.obs), seed, batch_size,
                                          progress=progress)
         adata.obsm[key] = z_nmz.reshape(z_nmz.shape[0], -1)
         adata.obs[LIBRARY_KEY] = library_n
@@ -209,7 +202,7 @@ class ScLDM:
         NB means in ``layers["scldm_mean"]`` (dense float32; ``means=False`` skips them), the latents in
         ``obsm["X_scldm"]``, the input obs. Draws are seeded by ``seed`` per block of ``batch_size`` cells."""
         x_ng, match = self._read(adata, layer, gene_key)
-        labels_na = self._obs_codes(adata.obs)
+        labels_na = obs_codes(self._vae.labels, adata.obs)
         blocks = []
         with Progress(adata.n_obs, "reconstruct", enabled=progress) as bar:
             for k, (lo, hi) in enumerate(block_ranges(adata.n_obs, batch_size)):
@@ -330,13 +323,11 @@ class ScLDM:
             raise ScldmError(f"to: unknown attribute(s) {sorted(unknown)}; the model knows {self.attributes}")
         spec = self.sampler(guidance, guidance_interval, steps, sampler, diffusion)
         x_ng, match = self._read(adata, layer, gene_key)
-        codes_na = self._obs_codes(adata.obs)
+        own_codes_na = obs_codes(labels, adata.obs)
+        codes_na = own_codes_na.copy()
         for i, attr in enumerate(labels.attributes):
             if attr in to:
                 codes_na[:, i] = labels.code_of(attr, to[attr])
-            elif attr not in adata.obs.columns:
-                codes_na[:, i] = labels.cardinalities[i]  # unconditioned
-        own_codes_na = self._obs_codes(adata.obs)
 
         def source(lo: int, hi: int) -> torch.Tensor:
             z_nmz, _ = self._latents(x_ng[lo:hi], match, own_codes_na[lo:hi], seed, hi - lo, row_offset=lo)

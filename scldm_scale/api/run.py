@@ -32,10 +32,16 @@ from scldm_scale.nn.vae import ScVAE
 EXPORT_DIR = "export"
 
 
+def has_export(run_dir: str | os.PathLike) -> bool:
+    """Whether ``<run_dir>/export`` holds an exported model (weights and config)."""
+    path = Path(run_dir) / EXPORT_DIR
+    return (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
+
+
 def export_path(run_dir: str | os.PathLike) -> Path:
     """``<run_dir>/export``, checked to hold an exported model."""
     path = Path(run_dir) / EXPORT_DIR
-    if not (path / "model.safetensors").is_file() or not (path / "config.yaml").is_file():
+    if not has_export(run_dir):
         raise ScldmError(f"{path}: no exported model (model.safetensors + config.yaml); "
                          f"train the run to the end or run `scldm-scale export` on it")
     return path
@@ -48,12 +54,17 @@ def read_export_json(run_dir: str | os.PathLike, name: str) -> Any:
     return json.loads(path.read_text())
 
 
+def load_export_config(run_dir: str | os.PathLike) -> Config:
+    """The typed resolved config of an exported run (no weights read)."""
+    return to_object(load_config([export_path(run_dir) / "config.yaml"]))
+
+
 def load_export(run_dir: str | os.PathLike, ema: bool = False) -> tuple[Config, dict[str, torch.Tensor]]:
     """(typed resolved config, weights). ``ema=True`` returns the EMA weights when the run has them."""
     from safetensors.torch import load_file
 
     path = export_path(run_dir)
-    cfg = to_object(load_config([path / "config.yaml"]))
+    cfg = load_export_config(run_dir)
     weights = path / ("ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors")
     return cfg, load_file(str(weights))
 
@@ -112,12 +123,25 @@ def load_dit(run_dir: str | os.PathLike, device: torch.device | str = "cpu", ema
     m, z = cfg.dit.n_tokens, cfg.dit.d_in
     mean_mz = torch.tensor(stats["mean"], dtype=torch.float32).reshape(m, z)
     std_mz = torch.tensor(stats["std"], dtype=torch.float32).reshape(m, z)
-    vae_run = Path(read_export_json(run_dir, "vae_run.json")["vae_run"])
+    vae_run = _vae_run_of(run_dir)
     labels = LabelTables.load(export_path(run_dir) / "labels.json")
     return TrainedDiT(model.to(device).eval(), cfg, labels, mean_mz, std_mz, vae_run, Path(run_dir), used_ema)
 
 
+def _vae_run_of(run_dir: str | os.PathLike) -> Path:
+    """The VAE run an LDM run was trained on: where it was, or at the same place relative to the LDM
+    run (the two runs copied together to another machine)."""
+    where = read_export_json(run_dir, "vae_run.json")
+    candidates = [Path(where["vae_run"])]
+    if "vae_run_relative" in where:
+        candidates.append((Path(run_dir) / where["vae_run_relative"]).resolve())
+    for path in candidates:
+        if has_export(path):
+            return path
+    raise ScldmError(f"{run_dir}: its VAE run is not at {' or '.join(map(str, candidates))}; copy the VAE run "
+                     f"there or edit {export_path(run_dir) / 'vae_run.json'}")
+
+
 def run_stage(run_dir: str | os.PathLike) -> Stage:
     """The stage of an exported run (``vae`` or ``ldm``)."""
-    cfg = load_config([export_path(run_dir) / "config.yaml"])
-    return Stage(cfg.run.stage)
+    return Stage(load_export_config(run_dir).run.stage)

@@ -88,20 +88,30 @@ def flow_to_data(dit: DiT, x_nmz: torch.Tensor, t0: float, labels_na: torch.Tens
                      generator=generator)  # (n, m, z)
 
 
+DECODE_ELEMENTS = 1 << 28  # activations (rows x width) of one unpooling chunk at inference: 1 GiB in fp32
+
+
 @torch.no_grad()
 def decode_counts(vae: ScVAE, z_nmz: torch.Tensor, rng: np.random.Generator,
                   library_n: torch.Tensor | None = None, means: bool = False
                   ) -> tuple[sp.csr_matrix, np.ndarray | None]:
     """NB counts (CSR int32, cells x vocabulary genes) decoded from VAE latents ``z_nmz``, and the NB
     means (float32, dense) when ``means``. The library size is the decoder's prediction unless
-    ``library_n`` gives it."""
-    n = z_nmz.shape[0]
-    genes_ng = torch.arange(vae.cfg.n_genes, device=z_nmz.device).expand(n, -1)
-    dec = vae.decode(z_nmz, genes_ng)
-    lib_n = dec["log_library_n"].float().exp() if library_n is None else library_n.to(z_nmz.device).float()
-    mu_ng = vae.nb_mean(dec["logits_nt"].float(), lib_n).cpu().numpy()  # (n, g)
-    theta_ng = vae.dispersion(genes_ng).float().cpu().numpy()  # (n, g)
-    counts_ng = sp.csr_matrix(sample_nb(mu_ng, theta_ng, rng))
+    ``library_n`` gives it. Cells are decoded a few at a time, so that one unpooling chunk (cells x
+    ``vae.decode_chunk_size`` genes x width) stays within :data:`DECODE_ELEMENTS` whatever the block."""
+    n, g = z_nmz.shape[0], vae.cfg.n_genes
+    per_call = max(1, DECODE_ELEMENTS // (min(g, vae.cfg.decode_chunk_size) * vae.cfg.d_model))
+    mu_parts = []
+    for lo in range(0, n, per_call):
+        z_kmz = z_nmz[lo:lo + per_call]
+        k = z_kmz.shape[0]
+        dec = vae.decode(z_kmz, torch.arange(g, device=z_nmz.device).expand(k, -1))
+        lib_k = dec["log_library_n"].float().exp() if library_n is None else \
+            library_n[lo:lo + per_call].to(z_nmz.device).float()
+        mu_parts.append(vae.nb_mean(dec["logits_nt"].float(), lib_k).cpu().numpy())  # (k, g)
+    mu_ng = np.concatenate(mu_parts) if mu_parts else np.zeros((0, g), np.float32)
+    theta_g = vae.dispersion(torch.arange(g, device=z_nmz.device)).float().cpu().numpy()  # (g,)
+    counts_ng = sp.csr_matrix(sample_nb(mu_ng, np.broadcast_to(theta_g, mu_ng.shape), rng))
     return counts_ng, (mu_ng.astype(np.float32) if means else None)
 
 

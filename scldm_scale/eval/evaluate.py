@@ -28,7 +28,8 @@ import scipy.sparse as sp
 
 from scldm_scale.errors import ScldmError
 from scldm_scale.eval import metrics as M
-from scldm_scale.eval.report import atomic_write_bytes, write_report
+from scldm_scale.eval.report import write_report
+from scldm_scale.io import write_bytes_atomic
 from scldm_scale.eval.representation import (
     Representation,
     common_genes,
@@ -36,7 +37,7 @@ from scldm_scale.eval.representation import (
     fit_representation,
 )
 
-__all__ = ["evaluate", "compare", "format_table", "MIN_CELLS_PER_CONDITION"]
+__all__ = ["evaluate", "compare", "format_table", "read_reference", "MIN_CELLS_PER_CONDITION"]
 
 MIN_CELLS_PER_CONDITION = 20
 DEFAULT_TABLE_KEYS = ("w2", "mmd", "fd", "nn1", "knn_acc/cell_type")
@@ -62,6 +63,23 @@ def raw_counts(adata, name: str):
     return x
 
 
+def read_reference(path, max_cells: int, seed: int = 0):
+    """The cells of an ``.h5ad`` in memory, subsampled (seeded, order kept) to at most ``max_cells``."""
+    import anndata as ad
+
+    backed = ad.read_h5ad(path, backed="r")
+    n = backed.n_obs
+    try:
+        if n < 2:
+            raise ScldmError(f"{path}: has {n} cell(s); need at least 2 reference cells")
+        if n <= max_cells:
+            return ad.read_h5ad(path)
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
+        return backed[idx].to_memory()
+    finally:
+        backed.file.close()
+
+
 def _to_jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _to_jsonable(v) for k, v in obj.items()}
@@ -80,7 +98,7 @@ def _to_jsonable(obj):
 def _write_json(path: str, obj) -> None:
     """Atomic JSON write (temp file + rename); non-finite floats become ``null``."""
     text = json.dumps(_to_jsonable(obj), indent=2, sort_keys=False)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
 
 
 def _shared_labels(reference, generated, label_keys) -> list[str]:

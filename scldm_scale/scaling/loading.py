@@ -6,23 +6,17 @@ The models themselves are loaded through the inference layer (:mod:`scldm_scale.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from safetensors import safe_open
+
+from scldm_scale.api.run import export_path
 
 # Weights that are per-gene or per-category tables rather than width x width maps.
 EMBEDDING_PARAMS = ("gene_embedding.", "log_theta_g", "readout_gd", "logit_bias_g", "label_embedders.")
 
 
-def has_export(run_dir: str | os.PathLike) -> bool:
-    path = Path(run_dir) / "export"
-    return (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
-
-
 def export_parameter_counts(run_dir: str | os.PathLike) -> dict[str, int]:
     """``params`` (all trained weights) and ``params_non_embedding`` (without :data:`EMBEDDING_PARAMS`)."""
-    from safetensors import safe_open
-
-    from scldm_scale.api import export_path
-
     total = non_embedding = 0
     with safe_open(str(export_path(run_dir) / "model.safetensors"), framework="pt") as fh:
         for key in fh.keys():

@@ -19,30 +19,28 @@ recipe alone (no data is read; the expected data comes from the recipe's ``plan:
 from __future__ import annotations
 
 import math
-import os
 import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from scldm_scale.config import DecodeGenes, Precision, Stage, derive, global_batch, load_config
+from scldm_scale.config import DecodeGenes, Precision, Stage, derive, global_batch, load_config, typed_section
+from scldm_scale.api.run import has_export, load_export_config
+from scldm_scale.data.labels import LabelTables
+from scldm_scale.data.source import data_dir
+from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.errors import ScldmError
+from scldm_scale.nn.dit import DiT, DiTConfig, dit_train_flops
+from scldm_scale.nn.vae import ScVAE, VAEConfig, vae_train_flops
 from scldm_scale.scaling.loading import EMBEDDING_PARAMS
-
-TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (2 x forward)
-
-
-def _typed(section: DictConfig, cls):
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), section))
 
 
 def _json_beside(cfg: DictConfig, explicit: str, name: str) -> Path | None:
     if explicit:
         return Path(explicit) if Path(explicit).is_file() else None
-    base = Path(os.path.expanduser(str(cfg.data.path or "")))
-    path = (base if base.is_dir() else base.parent) / name
+    path = Path(data_dir(str(cfg.data.path or ""))) / name
     return path if cfg.data.path and path.is_file() else None
 
 
@@ -51,7 +49,6 @@ def _n_genes(cfg: DictConfig) -> tuple[int, str]:
         return int(cfg.plan.n_genes), "plan.n_genes"
     path = _json_beside(cfg, str(cfg.data.vocab_path), "vocab.json")
     if path is not None:
-        from scldm_scale.data.vocab import GeneVocab
 
         return len(GeneVocab.load(path)), str(path)
     raise ScldmError("--dry-run needs the vocabulary size: set plan.n_genes (e.g. plan.n_genes=20000) or "
@@ -68,7 +65,6 @@ def _cardinalities(cfg: DictConfig) -> tuple[list[int], str]:
         return cards, "plan.label_cardinalities"
     path = _json_beside(cfg, str(cfg.data.labels_path), "labels.json")
     if path is not None:
-        from scldm_scale.data.labels import LabelTables
 
         tables = LabelTables.load(path)
         return [tables.cardinalities[tables.attributes.index(c)] if c in tables.attributes else 1 for c in columns], \
@@ -87,8 +83,6 @@ def _count(model: torch.nn.Module) -> tuple[int, int]:
 
 def run_plan(cfg: DictConfig) -> dict[str, Any]:
     """Resolve ``cfg`` (in place) for its planned data and hardware and return the plan's figures."""
-    from scldm_scale.nn.dit import DiT, DiTConfig
-    from scldm_scale.nn.vae import ScVAE, VAEConfig
 
     plan = cfg.plan
     world = int(plan.nodes) * int(plan.gpus_per_node)
@@ -101,7 +95,7 @@ def run_plan(cfg: DictConfig) -> dict[str, Any]:
     if stage == Stage.VAE:
         n_genes, genes_from = _n_genes(cfg)
         derive(cfg, n_genes=n_genes, label_cardinalities=cards, world_size=world)
-        vae_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
+        vae_cfg: VAEConfig = typed_section(cfg.vae, VAEConfig)
         with torch.device("meta"):
             model = ScVAE(vae_cfg)
         genes_per_cell = float(plan.genes_per_cell)
@@ -111,7 +105,7 @@ def run_plan(cfg: DictConfig) -> dict[str, Any]:
         tokens = min(genes_per_cell, float(cfg.data.max_genes))
         decode = float(n_genes) if DecodeGenes(cfg.train.decode_genes) == DecodeGenes.ALL \
             else tokens + float(cfg.train.n_zero_genes)
-        forward = model.flops_per_cell(int(round(tokens)), int(round(decode)))
+        train_per_cell = vae_train_flops(vae_cfg, tokens, decode)
         out.update(n_genes=n_genes, n_genes_from=genes_from, tokens_per_cell=tokens, decoded_genes_per_cell=decode)
         m, z = vae_cfg.n_latent_tokens, vae_cfg.d_latent
         sizes = {"vae.d_model": vae_cfg.d_model, "vae.n_heads": vae_cfg.n_heads, "head width": vae_cfg.d_model // max(vae_cfg.n_heads, 1),
@@ -119,19 +113,18 @@ def run_plan(cfg: DictConfig) -> dict[str, Any]:
                  "vae.d_latent (z)": z, "vae.n_encoder_layers": vae_cfg.n_encoder_layers,
                  "vae.n_decoder_layers": vae_cfg.n_decoder_layers}
     else:
-        vae_section = cfg.vae
         vae_run = str(cfg.ldm.vae_run)
-        if vae_run and (Path(vae_run) / "export" / "config.yaml").is_file():
-            vae_section = load_config([Path(vae_run) / "export" / "config.yaml"]).vae
+        if vae_run and has_export(vae_run):
+            vae_cfg = load_export_config(vae_run).vae
             notes.append(f"latent shape from the VAE export in {vae_run}")
         else:
+            vae_cfg = typed_section(cfg.vae, VAEConfig)
             notes.append("latent shape from this recipe's vae section (the VAE run is not trained yet)")
-        vae_cfg = _typed(vae_section, VAEConfig)
         derive(cfg, label_cardinalities=cards, vae=vae_cfg, world_size=world)
-        dit_cfg: DiTConfig = _typed(cfg.dit, DiTConfig)
+        dit_cfg: DiTConfig = typed_section(cfg.dit, DiTConfig)
         with torch.device("meta"):
             model = DiT(dit_cfg)
-        forward = model.flops_per_cell()
+        train_per_cell = dit_train_flops(dit_cfg)
         m, z = dit_cfg.n_tokens, dit_cfg.d_in
         sizes = {"dit.d_model": dit_cfg.d_model, "dit.depth": dit_cfg.depth, "dit.n_heads": dit_cfg.n_heads,
                  "head width": dit_cfg.d_model // max(dit_cfg.n_heads, 1), "MLP width": int(dit_cfg.d_model * dit_cfg.mlp_ratio),
@@ -141,7 +134,6 @@ def run_plan(cfg: DictConfig) -> dict[str, Any]:
     steps = int(cfg.train.max_steps)
     batch = global_batch(cfg, world)
     cells = steps * batch
-    train_per_cell = TRAIN_FLOPS_PER_FORWARD * forward
     flops = train_per_cell * cells
     out.update(sizes=sizes, params=params, params_non_embedding=non_embedding, flops_per_cell=train_per_cell,
                steps=steps, global_batch=batch, cells=cells, flops=flops, cells_budget=int(cfg.train.cells))

@@ -37,7 +37,8 @@ from scldm_scale.config import Stage, global_batch, load_config
 from scldm_scale.errors import ScldmError
 from scldm_scale.io import write_json_atomic, write_text_atomic
 from scldm_scale.scaling.grid import VOLATILE_KEYS, Grid, RunSpec, config_hash, expand, load_grid, resolve
-from scldm_scale.scaling.loading import export_parameter_counts, has_export
+from scldm_scale.api.run import has_export, load_export_config
+from scldm_scale.scaling.loading import export_parameter_counts
 
 SWEEP_FILE = "sweep.json"
 RESULT_FILE = "result.json"
@@ -334,8 +335,7 @@ def _measure(sweep: PlannedSweep, run: PlannedRun, world_size: int) -> dict[str,
         heldout = heldout_path(spec.heldout, str(run.cfg.data.path))
         metrics = vae_metrics(run.run_dir, heldout, spec, seed=0)
     else:
-        vae_cfg = load_config([Path(str(run.cfg.ldm.vae_run)) / "export" / "config.yaml"])
-        heldout = heldout_path(spec.heldout, str(vae_cfg.data.path))
+        heldout = heldout_path(spec.heldout, load_export_config(str(run.cfg.ldm.vae_run)).data.path)
         metrics = ldm_metrics(run.run_dir, heldout, spec, seed=0)
     result = build_result(sweep, run, metrics, world_size)
     result["eval_s"] = time.perf_counter() - start

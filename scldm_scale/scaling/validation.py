@@ -19,46 +19,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scldm_scale.api import ScLDM, load_dit, load_vae
+from scldm_scale.api.cells import counts_matrix, match_genes, token_batches
+from scldm_scale.api.conditions import obs_codes
+from scldm_scale.api.model import encode_token_batch
+from scldm_scale.data.source import heldout_beside
 from scldm_scale.errors import ScldmError
+from scldm_scale.eval.evaluate import evaluate, read_reference
+from scldm_scale.flow.interpolant import TimeSampling
+from scldm_scale.flow.loss import flow_matching_loss
+from scldm_scale.nn.likelihood import nb_log_prob
 from scldm_scale.scaling.grid import EvalSpec
 
 
 def heldout_path(explicit: str, data_path: str) -> Path:
     """``explicit`` when given, else ``heldout.h5ad`` beside the training data (``data.path``)."""
-    from scldm_scale.data.validate import HELDOUT_NAME
 
-    if explicit:
-        path = Path(explicit)
-    else:
-        base = Path(os.path.expanduser(str(data_path)))
-        path = (base if base.is_dir() else base.parent) / HELDOUT_NAME
+    path = Path(explicit) if explicit else heldout_beside(data_path)
     if not path.is_file():
         raise ScldmError(f"{path}: no held-out cells for the sweep's metrics; write them with `scldm-scale prepare "
                          "... --heldout-fraction 0.05` or set eval.heldout in the grid")
     return path
 
 
-def read_cells(path: str | os.PathLike, max_cells: int, seed: int):
-    """The ``.h5ad`` in memory, subsampled (seeded, order kept) to at most ``max_cells`` cells."""
-    import anndata as ad
-
-    backed = ad.read_h5ad(path, backed="r")
-    n = backed.n_obs
-    if n < 2:
-        backed.file.close()
-        raise ScldmError(f"{path}: {n} held-out cell(s); need at least 2")
-    if n <= max_cells:
-        backed.file.close()
-        return ad.read_h5ad(path)
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
-    out = backed[idx].to_memory()
-    backed.file.close()
-    return out
-
-
 def _blocks(adata, vocab, max_genes: int, batch_size: int, seed: int):
     """(encoder token batch, counts over the vocabulary ``target_ng``) per batch of held-out cells."""
-    from scldm_scale.api.cells import counts_matrix, match_genes, token_batches
 
     match = match_genes(adata.var, vocab)
     x_ng = counts_matrix(adata, None, "held-out cells")
@@ -75,18 +60,15 @@ def _blocks(adata, vocab, max_genes: int, batch_size: int, seed: int):
 @torch.no_grad()
 def vae_metrics(vae_run: str | os.PathLike, heldout: str | os.PathLike, spec: EvalSpec, seed: int = 0) -> dict:
     """``val_nll_per_cell``, ``val_nll_per_cell_predicted_library``, ``val_library_mse``, ``val_cells``."""
-    from scldm_scale.api import load_vae
 
     trained = load_vae(vae_run)
-    adata = read_cells(heldout, spec.heldout_cells, seed)
+    adata = read_reference(heldout, spec.heldout_cells, seed)
     return vae_nll(trained.model, trained.vocab, trained.cfg.data.max_genes, adata, spec.batch_size, seed)
 
 
 @torch.no_grad()
 def vae_nll(model: torch.nn.Module, vocab, max_genes: int, adata, batch_size: int = 256, seed: int = 0) -> dict:
     """Held-out metrics of an ScVAE (eval mode) on the cells of ``adata`` (raw counts)."""
-    from scldm_scale.api.model import encode_token_batch
-    from scldm_scale.nn.likelihood import nb_log_prob
 
     genes_g = torch.arange(len(vocab.gene_ids))
     theta_g = model.dispersion(genes_g).float()  # (g,)
@@ -95,44 +77,26 @@ def vae_nll(model: torch.nn.Module, vocab, max_genes: int, adata, batch_size: in
         n = target_ng.shape[0]
         z_nmz = encode_token_batch(model, batch)  # (n, m, z) posterior means
         dec = model.decode(z_nmz, genes_g.expand(n, -1))
-        p_ng = torch.softmax(dec["logits_nt"].float(), dim=-1)  # (n, g)
+        logits_ng = dec["logits_nt"].float()  # (n, g)
         library_n = batch["library_size_n"].float()  # (n,)
         predicted_n = dec["log_library_n"].float().exp()  # (n,)
         theta_ng = theta_g.expand(n, -1)
-        nll -= float(nb_log_prob(target_ng, p_ng * library_n[:, None], theta_ng).sum())
-        nll_pred -= float(nb_log_prob(target_ng, p_ng * predicted_n[:, None], theta_ng).sum())
+        nll -= float(nb_log_prob(target_ng, model.nb_mean(logits_ng, library_n), theta_ng).sum())
+        nll_pred -= float(nb_log_prob(target_ng, model.nb_mean(logits_ng, predicted_n), theta_ng).sum())
         lib_se += float((dec["log_library_n"].float() - library_n.clamp(min=1.0).log()).pow(2).sum())
         n_cells += n
     return {"val_nll_per_cell": nll / n_cells, "val_nll_per_cell_predicted_library": nll_pred / n_cells,
             "val_library_mse": lib_se / n_cells, "val_cells": n_cells}
 
 
-def _label_codes(obs, labels) -> torch.Tensor:
-    """Label codes of held-out cells (``labels_na``); an attribute the file lacks gets its null code."""
-    columns = []
-    for attr, null in zip(labels.attributes, labels.cardinalities):
-        if attr in obs.columns:
-            columns.append(labels.encode(attr, obs[attr]))
-        else:
-            columns.append(np.full(len(obs), null, dtype=np.int64))
-    if not columns:
-        return torch.zeros(len(obs), 0, dtype=torch.long)
-    return torch.from_numpy(np.stack(columns, 1))
-
-
 @torch.no_grad()
 def ldm_metrics(ldm_run: str | os.PathLike, heldout: str | os.PathLike, spec: EvalSpec, seed: int = 0) -> dict:
     """``val_flow_loss`` and the sample metrics ``sample_mmd``, ``sample_w2``, ``sample_fd``."""
-    from scldm_scale.api import ScLDM, load_dit, load_vae
-    from scldm_scale.api.model import encode_token_batch
-    from scldm_scale.eval.evaluate import evaluate
-    from scldm_scale.flow.interpolant import TimeSampling
-    from scldm_scale.flow.loss import flow_matching_loss
 
     dit = load_dit(ldm_run)
     vae = load_vae(dit.vae_run)
-    adata = read_cells(heldout, spec.heldout_cells, seed)
-    labels_na = _label_codes(adata.obs, dit.labels)
+    adata = read_reference(heldout, spec.heldout_cells, seed)
+    labels_na = torch.from_numpy(obs_codes(dit.labels, adata.obs))
     generator = torch.Generator().manual_seed(seed)
     total, n_cells = 0.0, 0
     for batch, _ in _blocks(adata, vae.vocab, vae.cfg.data.max_genes, spec.batch_size, seed):

@@ -16,11 +16,9 @@ training RNG streams untouched).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -28,9 +26,9 @@ from scldm_scale.api.conditions import condition_codes, conditions_matching
 from scldm_scale.api.run import load_vae
 from scldm_scale.api.sampling import Sampler, sample_blocks, stack_blocks
 from scldm_scale.config import to_object
-from scldm_scale.data.validate import HELDOUT_NAME
+from scldm_scale.data.source import heldout_beside
 from scldm_scale.errors import ScldmError
-from scldm_scale.eval.evaluate import raw_counts
+from scldm_scale.eval.evaluate import raw_counts, read_reference
 from scldm_scale.eval.metrics import mmd_rbf, wasserstein2
 from scldm_scale.eval.representation import common_genes, fit_representation
 from scldm_scale.nn.dit import DiT
@@ -52,8 +50,7 @@ def resolve_sample_reference(explicit: str, vae_data_path: str, sample_every: in
         return str(explicit)
     if sample_every <= 0:
         return ""
-    base = Path(os.path.expanduser(str(vae_data_path)))
-    default = (base if base.is_dir() else base.parent) / HELDOUT_NAME
+    default = heldout_beside(vae_data_path)
     if not vae_data_path or not default.is_file():
         raise ScldmError(f"train.sample_every={sample_every} compares generated cells with held-out cells, but "
                          f"{default} does not exist; set ldm.sample_reference=<held-out .h5ad> or train.sample_every=0")
@@ -70,7 +67,10 @@ class SampleQuality:
         if n_cells < 2:
             raise ScldmError(f"train.sample_cells={n_cells}: need at least 2 cells to compare distributions")
         path = str(cfg.ldm.sample_reference)
-        reference = _read_reference(path, MAX_REFERENCE_CELLS, self.seed)
+        try:
+            reference = read_reference(path, MAX_REFERENCE_CELLS, self.seed)
+        except ScldmError as err:
+            raise ScldmError(f"ldm.sample_reference={path}: {err}") from None
         vae = load_vae(cfg.ldm.vae_run, device)
         gene_ids = pd.Index(vae.vocab.gene_ids)
         try:
@@ -111,19 +111,3 @@ class SampleQuality:
             "sample/w2": wasserstein2(self.ref_np, y_np, max_cells=MAX_REFERENCE_CELLS, seed=self.seed),
             "sample/seconds": time.perf_counter() - start,
         }
-
-
-def _read_reference(path: str, max_cells: int, seed: int):
-    """The reference AnnData in memory, subsampled (seeded, order kept) to at most ``max_cells`` cells."""
-    import anndata as ad
-
-    backed = ad.read_h5ad(path, backed="r")
-    if backed.n_obs < 2:
-        raise ScldmError(f"ldm.sample_reference={path}: has {backed.n_obs} cell(s); need at least 2 held-out cells")
-    if backed.n_obs <= max_cells:
-        backed.file.close()
-        return ad.read_h5ad(path)
-    idx = np.sort(np.random.default_rng(seed).choice(backed.n_obs, size=max_cells, replace=False))
-    out = backed[idx].to_memory()
-    backed.file.close()
-    return out

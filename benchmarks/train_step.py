@@ -308,7 +308,7 @@ def build(job: Job, device):
     from scldm_scale.config import derive, load_config
     from scldm_scale.nn.dit import DiT, DiTConfig
     from scldm_scale.nn.vae import ScVAE, VAEConfig
-    from scldm_scale.train.stages import _typed
+    from scldm_scale.config import typed_section as _typed
 
     overrides = [f"train.zero_stage={job.zero}", f"train.precision={job.precision}", "train.ema_decay=0",
                  "logging.wandb=false"]
@@ -316,10 +316,8 @@ def build(job: Job, device):
     if job.size != "quickstart":
         cfg.vae.d_model = WIDTH_MULT * int(cfg.vae.d_model)
     derive(cfg, n_genes=N_GENES, label_cardinalities=LABEL_CARDINALITIES)
-    # the whole zero_optimization section: engine._deep_merge does not recurse into the DictConfig values of
-    # train.deepspeed, so a nested section replaces the generated one (and would drop "stage": 3)
-    extra = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
-                                   "stage3_param_persistence_threshold": 0}} if job.variant == "persist0" else {}
+    # ZeRO-3 with every parameter partitioned (train.deepspeed keys merge into the generated section)
+    extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if job.variant == "persist0" else {}
     cfg.train.deepspeed = extra
     vae_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
     if job.model == "dit":
@@ -436,7 +434,8 @@ def plan(args, cuda: bool) -> list[Job]:
 def worker(args) -> None:
     import torch
 
-    from scldm_scale.train.engine import destroy_distributed, init_distributed
+    from scldm_scale.comm import destroy as destroy_distributed
+    from scldm_scale.train.engine import init_distributed
     from scldm_scale.train.metrics import detect_peak_tflops
 
     info = init_distributed()

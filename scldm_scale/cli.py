@@ -22,7 +22,7 @@ from scldm_scale import __version__
 from scldm_scale.errors import ScldmError
 
 
-def _split_recipes(items: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_recipes(items: Sequence[str]) -> tuple[list[str], list[str]]:
     recipes = [i for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]
     return recipes, overrides
@@ -88,7 +88,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    recipes, overrides = _split_recipes(args.items)
+    recipes, overrides = split_recipes(args.items)
     if args.dry_run:
         from scldm_scale.scaling.plan import dry_run
 
@@ -125,6 +125,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
                              batch_size=args.batch_size, progress=not args.quiet)
         print(f"wrote {adata.n_obs} cells with obsm['X_scldm'] to {write_h5ad_atomic(adata, args.out)}")
         return
+    from scldm_scale import comm
     from scldm_scale.api.latents import encode_dataset
 
     overrides = ([f"data.path={args.data}"] if args.data else []) + list(args.items)
@@ -132,6 +133,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
                          device=args.device, progress=not args.quiet)
     if _is_rank0():
         print(f"latents written to {out}")
+    comm.destroy()
 
 
 def _sampler_overrides(args: argparse.Namespace) -> dict:
@@ -156,11 +158,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     gen = model.generate(conditions, obs=obs, n_cells=args.n_cells if args.match else None, seed=args.seed,
                          batch_size=args.batch_size, progress=not args.quiet, **_sampler_overrides(args))
     seconds = time.perf_counter() - t0
-    if gen is not None:  # rank 0
+
+    def write() -> None:  # rank 0 holds the gathered cells; a failed write fails every rank
         write_h5ad_atomic(gen, args.out)
         print(f"wrote {gen.n_obs} cells to {args.out} (generated in {seconds:.2f} s, "
               f"{gen.n_obs / max(seconds, 1e-9):,.0f} cells/s)")
-    comm.barrier()
+
+    comm.on_rank0(write)
+    comm.destroy()
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
@@ -180,10 +185,12 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     moved = model.transfer(ad.read_h5ad(args.data), to=to, strength=args.strength, layer=args.layer,
                            gene_key=args.gene_key, seed=args.seed, batch_size=args.batch_size,
                            progress=not args.quiet, **_sampler_overrides(args))
-    if moved is not None:
+    def write() -> None:
         write_h5ad_atomic(moved, args.out)
         print(f"wrote {moved.n_obs} transferred cells to {args.out}")
-    comm.barrier()
+
+    comm.on_rank0(write)
+    comm.destroy()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -223,7 +230,7 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from scldm_scale.scaling.sweep import sweep
 
-    grids, overrides = _split_recipes(args.items)
+    grids, overrides = split_recipes(args.items)
     if not grids:
         raise ScldmError("sweep: give at least one grid YAML (e.g. recipes/scaling/width.yaml)")
     status = sweep(grids, args.out, launcher=args.launcher, nproc=args.nproc_per_node, extra=overrides, only=args.run,
@@ -247,7 +254,7 @@ def cmd_sizes(args: argparse.Namespace) -> None:
     from scldm_scale.config import DecodeGenes, load_config, to_object
     from scldm_scale.nn.sizes import format_count, size_table
 
-    recipes, overrides = _split_recipes(args.items)
+    recipes, overrides = split_recipes(args.items)
     cfg = to_object(load_config(recipes, overrides))
     try:
         cards = [int(c) for c in args.labels.split(",") if c.strip()]
@@ -305,7 +312,7 @@ def _add_sampler_options(p: argparse.ArgumentParser) -> None:
                    help="guide only at flow times LO <= t <= HI, t=0 noise, t=1 data "
                         "(e.g. --guidance-interval 0.3 0.8; default: the run's)")
     p.add_argument("--steps", type=int, help="sampler steps (e.g. --steps 30; default: the run's flow.num_steps)")
-    p.add_argument("--sampler", choices=["euler", "heun", "adaptive", "sde"],
+    p.add_argument("--sampler", choices=["euler", "heun", "adaptive", "sde"],  # SamplerKind (kept light: no torch)
                    help="ODE/SDE solver (e.g. --sampler heun; default: the run's flow.sampler)")
     p.add_argument("--diffusion", type=float,
                    help="noise scale of the sde sampler (e.g. --sampler sde --diffusion 1.0; default: the run's)")

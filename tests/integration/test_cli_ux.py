@@ -30,6 +30,26 @@ def test_every_command_and_option_has_help_with_an_example():
                 assert "e.g." in action.help, f"{name} {action.option_strings}: no example"
 
 
+def test_option_choices_are_the_enums():
+    """The CLI lists choices as strings (importing the enums would import torch for --help)."""
+    from scldm_scale.cli import build_parser
+    from scldm_scale.config import DecodeGenes
+    from scldm_scale.flow.samplers import SamplerKind
+    from scldm_scale.scaling.fit import BootstrapMethod
+    from scldm_scale.scaling.sweep import Launcher
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def choices(command: str, option: str) -> set[str]:
+        return set(next(a for a in sub[command]._actions if option in a.option_strings).choices)
+
+    assert choices("generate", "--sampler") == choices("transfer", "--sampler") == {k.value for k in SamplerKind}
+    assert choices("sweep", "--launcher") == {k.value for k in Launcher}
+    assert choices("report", "--bootstrap-method") == {k.value for k in BootstrapMethod}
+    assert choices("sizes", "--decode") == {k.value for k in DecodeGenes}
+
+
 def test_version_and_python_m():
     from scldm_scale import __version__
 

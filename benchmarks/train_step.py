@@ -308,7 +308,7 @@ def build(job: Job, device):
     from scldm_scale.config import derive, load_config
     from scldm_scale.nn.dit import DiT, DiTConfig
     from scldm_scale.nn.vae import ScVAE, VAEConfig
-    from scldm_scale.config import typed_section as _typed
+    from scldm_scale.config import typed_section
 
     overrides = [f"train.zero_stage={job.zero}", f"train.precision={job.precision}", "train.ema_decay=0",
                  "logging.wandb=false"]
@@ -319,15 +319,15 @@ def build(job: Job, device):
     # ZeRO-3 with every parameter partitioned (train.deepspeed keys merge into the generated section)
     extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if job.variant == "persist0" else {}
     cfg.train.deepspeed = extra
-    vae_cfg: VAEConfig = _typed(cfg.vae, VAEConfig)
+    vae_cfg: VAEConfig = typed_section(cfg.vae, VAEConfig)
     if job.model == "dit":
         cfg = load_config([os.path.join(REPO, r) for r in RECIPES["dit"]], overrides)
         if job.size != "quickstart":
             cfg.dit.d_model = WIDTH_MULT * int(cfg.dit.d_model)
         cfg.train.deepspeed = extra
-        derive(cfg, label_cardinalities=LABEL_CARDINALITIES, vae=_typed(load_config(
+        derive(cfg, label_cardinalities=LABEL_CARDINALITIES, vae=typed_section(load_config(
             [os.path.join(REPO, r) for r in RECIPES["vae"]]).vae, VAEConfig))  # the quickstart VAE's latent shape
-        model_cfg = _typed(cfg.dit, DiTConfig)
+        model_cfg = typed_section(cfg.dit, DiTConfig)
         torch.manual_seed(int(cfg.run.seed))
         return cfg, model_cfg, DiT(model_cfg), DiTStep(cfg, model_cfg)
     torch.manual_seed(int(cfg.run.seed))

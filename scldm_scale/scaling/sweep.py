@@ -33,11 +33,13 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from scldm_scale.api.run import has_export, load_export_config
 from scldm_scale.config import Stage, global_batch, load_config
+from scldm_scale.data.synthetic import write_synthetic_atlas
 from scldm_scale.errors import ScldmError
 from scldm_scale.io import write_json_atomic, write_text_atomic
 from scldm_scale.scaling.grid import VOLATILE_KEYS, Grid, RunSpec, config_hash, expand, load_grid, resolve
-from scldm_scale.api.run import has_export, load_export_config
+from scldm_scale.scaling.validation import heldout_path, ldm_metrics, vae_metrics
 from scldm_scale.scaling.loading import export_parameter_counts
 
 SWEEP_FILE = "sweep.json"
@@ -327,8 +329,6 @@ def build_result(sweep: PlannedSweep, run: PlannedRun, metrics: dict, world_size
 
 
 def _measure(sweep: PlannedSweep, run: PlannedRun, world_size: int) -> dict[str, Any]:
-    from scldm_scale.scaling.validation import heldout_path, ldm_metrics, vae_metrics
-
     spec = sweep.grid.eval
     start, cpu_start = time.perf_counter(), time.process_time()
     if run.spec.stage == Stage.VAE:
@@ -391,8 +391,6 @@ def run_one(sweep: PlannedSweep, run: PlannedRun, nproc: int, forwarder: _Forwar
 
 def run_local(sweeps: list[PlannedSweep], nproc: int, only: str = "") -> int:
     """Run every run of every sweep (or only ``only``: ``NAME`` or ``GRID/NAME``); 0 when all are done."""
-    from scldm_scale.data.synthetic import write_synthetic_atlas
-
     selected = [(s, r) for s in sweeps for r in s.runs if not only or only in (r.spec.name, f"{s.grid.name}/{r.spec.name}")]
     if only and not selected:
         names = [f"{s.grid.name}/{r.spec.name}" for s in sweeps for r in s.runs]

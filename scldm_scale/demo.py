@@ -8,6 +8,7 @@ per-cell-type marginals). Ends with a table and a verdict.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -30,7 +31,10 @@ N_PCS = 10  # the leading PCs carry the biological structure; the rest is mostly
 
 def _run(cmd: list[str]) -> None:
     print(f"\n$ {shlex.join(cmd)}", flush=True)
-    result = subprocess.run(cmd)
+    env = dict(os.environ)
+    if "torch.distributed.run" in cmd:  # torchrun's own default (one thread per rank), set so that it
+        env.setdefault("OMP_NUM_THREADS", "1")  # does not print its banner into the demo's report
+    result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
         raise ScldmError(f"demo step failed (exit {result.returncode}): {shlex.join(cmd)}")
 

@@ -7,6 +7,9 @@ single process::
     torchrun --standalone --nproc_per_node=2 -m scldm_scale.cli train recipes/quickstart.yaml train.max_steps=100
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
+
+Each command imports what it runs inside its ``cmd_*`` function, so that ``--help`` and ``--version``
+answer without loading torch, DeepSpeed or the data stack.
 """
 
 from __future__ import annotations

@@ -42,21 +42,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; it replaces ``path`` (an existing folder
-    included) when the block succeeds, and is removed when it fails."""
+    """Yield an empty folder ``<path>.tmp-<pid>``; when the block succeeds it replaces ``path`` (an
+    existing entry is moved to ``<path>.old-<pid>`` first, then deleted), when it fails it is removed.
+    A killed process leaves these names behind with its pid, for the next run to recognize."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = _tmp_sibling(path, "tmp"), _tmp_sibling(path, "old")
+    tmp, old = Path(f"{path}.tmp-{os.getpid()}"), Path(f"{path}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+        elif os.path.lexists(path):
             os.replace(path, old)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        elif os.path.lexists(old):
+            old.unlink()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -30,7 +30,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +56,9 @@ from scldm_scale.data.writers import (
     remove_stale,
     shard_files,
     shard_sizes,
-    swap_in,
 )
 from scldm_scale.errors import ScldmError
+from scldm_scale.io import atomic_dir
 
 HARMONIZE_VERSION = 2  # bump when the output of the same inputs and options changes
 RESERVED_OBS = ("cell_index", "source_file")
@@ -327,49 +326,43 @@ def _prepare(
         raise ScldmError(f"{out}: already exists and {what}; pass --overwrite to replace it, or choose another OUT")
     remove_stale(out, report)
 
-    tmp = f"{out}.tmp-{os.getpid()}"
     report.start()
     try:
-        scan = scan_inputs(paths, labels, require_labels, counts, report)
-        plan = make_plan(scan, vocab, min_files, labels, heldout_fraction, seed, report)
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-        block_sizes = shard_sizes(plan.n_train, shard_size if kind == "h5ad" else SOMA_BLOCK_CELLS)
-        writer, dropped = _write_outputs(kind, tmp, plan, block_sizes, report)
-        meta: dict[str, Any] = {
-            "generator": "scldm_scale.data.harmonize",
-            "gene_id_space": plan.space,
-            "label_columns": labels,
-            "label_categories": plan.labels.categories,
-            "seed": seed,
-            "order": {"kind": "global-random", "seed": seed},
-            "inputs": [
-                {
-                    **fp,
-                    "mtime": fp["mtime_ns"] / 1e9,
-                    "source_file": fi.name,
-                    "counts_from": fi.counts.field,
-                    "n_cells": fi.n_obs,
-                    "n_heldout": fi.n_heldout,
-                    "n_genes": fi.n_vars,
-                    "n_genes_kept": fi.n_vars - dropped[fi.name],
-                    "n_genes_dropped": dropped[fi.name],
-                    "missing_label_columns": fi.missing_labels,
-                }
-                for fp, fi in zip(fp_inputs, scan.files)
-            ],
-            "options": options,
-            "fingerprint": fingerprint,
-        }
-        if kind == "soma":
-            meta["soma"] = {"experiment": ".", "measurement": MEASUREMENT, "X_layer": X_LAYER,
-                            "obs_id": "obs_id", "var_id": "var_id"}
-        meta = writer.finish(plan.vocab, plan.labels, meta, fmt=FORMAT if kind == "h5ad" else SOMA_FORMAT)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp_dir:
+            tmp = str(tmp_dir)
+            scan = scan_inputs(paths, labels, require_labels, counts, report)
+            plan = make_plan(scan, vocab, min_files, labels, heldout_fraction, seed, report)
+            block_sizes = shard_sizes(plan.n_train, shard_size if kind == "h5ad" else SOMA_BLOCK_CELLS)
+            writer, dropped = _write_outputs(kind, tmp, plan, block_sizes, report)
+            meta: dict[str, Any] = {
+                "generator": "scldm_scale.data.harmonize",
+                "gene_id_space": plan.space,
+                "label_columns": labels,
+                "label_categories": plan.labels.categories,
+                "seed": seed,
+                "order": {"kind": "global-random", "seed": seed},
+                "inputs": [
+                    {
+                        **fp,
+                        "mtime": fp["mtime_ns"] / 1e9,
+                        "source_file": fi.name,
+                        "counts_from": fi.counts.field,
+                        "n_cells": fi.n_obs,
+                        "n_heldout": fi.n_heldout,
+                        "n_genes": fi.n_vars,
+                        "n_genes_kept": fi.n_vars - dropped[fi.name],
+                        "n_genes_dropped": dropped[fi.name],
+                        "missing_label_columns": fi.missing_labels,
+                    }
+                    for fp, fi in zip(fp_inputs, scan.files)
+                ],
+                "options": options,
+                "fingerprint": fingerprint,
+            }
+            if kind == "soma":
+                meta["soma"] = {"experiment": ".", "measurement": MEASUREMENT, "X_layer": X_LAYER,
+                                "obs_id": "obs_id", "var_id": "var_id"}
+            meta = writer.finish(plan.vocab, plan.labels, meta, fmt=FORMAT if kind == "h5ad" else SOMA_FORMAT)
     finally:
         report.stop()
     return PrepareResult(out, meta)

@@ -24,7 +24,6 @@ harmonizes), with a sparse sampler fast enough for millions of cells x 20,000 ge
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +34,9 @@ import scipy.stats
 
 from scldm_scale.data.labels import LabelTables
 from scldm_scale.data.vocab import GeneVocab
-from scldm_scale.data.writers import PreparedWriter, swap_in, write_h5ad
+from scldm_scale.data.writers import PreparedWriter, write_h5ad
 from scldm_scale.errors import ScldmError
+from scldm_scale.io import atomic_dir
 from scldm_scale.progress import Progress
 
 LABEL_COLUMNS = ("cell_type", "tissue", "donor")
@@ -111,14 +111,9 @@ def _split_sizes(n: int, k: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(k)]
 
 
-def _check_out_dir(out_dir: str, overwrite: bool) -> str:
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ScldmError(f"{out_dir}: already exists and is not empty; remove it, choose another path or overwrite")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    return tmp
 
 
 def write_synthetic_atlas(
@@ -176,45 +171,43 @@ def write_synthetic_atlas(
 
     sizes = _split_sizes(n_train, n_shards)
     files = [f"shard_{i:04d}.h5ad" for i in range(n_shards)]
-    tmp = _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite)
     bar = Progress(n_cells, "synthetic atlas", enabled=progress)
     try:
-        writer = PreparedWriter(tmp, var)
-        start = 0
-        jobs = [(f, k, i) for i, (f, k) in enumerate(zip(files, sizes))]
-        if n_heldout:
-            jobs.append((None, n_heldout, n_shards))
-        for fname, k, stream in jobs:
-            x, t_n, tissue_n, donor_n = model.sample(k, np.random.default_rng([seed, 1, stream]))
-            obs = make_obs(t_n, tissue_n, donor_n, start)
-            if fname is None:
-                writer.add_heldout(x, obs)
-            else:
-                writer.write_shard(fname, x, obs)
-            start += k
-            del x
-            bar.advance(k)
-        meta = writer.finish(
-            GeneVocab(gene_ids, version="synthetic-1", symbols=symbols),
-            LabelTables(categories),
-            {
-                "generator": "scldm_scale.data.synthetic",
-                "label_columns": list(LABEL_COLUMNS),
-                "label_categories": categories,
-                "seed": seed,
-                "synthetic": {
-                    "n_cell_types": n_cell_types,
-                    "n_tissues": n_tissues,
-                    "n_donors": n_donors,
-                    "heldout_fraction": heldout_fraction,
-                    "markers_per_type": int(len(model.markers_t[0])),
+        with atomic_dir(out_dir) as tmp_dir:
+            tmp = str(tmp_dir)
+            writer = PreparedWriter(tmp, var)
+            start = 0
+            jobs = [(f, k, i) for i, (f, k) in enumerate(zip(files, sizes))]
+            if n_heldout:
+                jobs.append((None, n_heldout, n_shards))
+            for fname, k, stream in jobs:
+                x, t_n, tissue_n, donor_n = model.sample(k, np.random.default_rng([seed, 1, stream]))
+                obs = make_obs(t_n, tissue_n, donor_n, start)
+                if fname is None:
+                    writer.add_heldout(x, obs)
+                else:
+                    writer.write_shard(fname, x, obs)
+                start += k
+                del x
+                bar.advance(k)
+            meta = writer.finish(
+                GeneVocab(gene_ids, version="synthetic-1", symbols=symbols),
+                LabelTables(categories),
+                {
+                    "generator": "scldm_scale.data.synthetic",
+                    "label_columns": list(LABEL_COLUMNS),
+                    "label_categories": categories,
+                    "seed": seed,
+                    "synthetic": {
+                        "n_cell_types": n_cell_types,
+                        "n_tissues": n_tissues,
+                        "n_donors": n_donors,
+                        "heldout_fraction": heldout_fraction,
+                        "markers_per_type": int(len(model.markers_t[0])),
+                    },
                 },
-            },
-        )
-        swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            )
     finally:
         bar.close()
     return meta
@@ -390,58 +383,56 @@ def write_synthetic_studies(
     cell_types = [f"celltype_{i}" for i in range(t)]
     tissues = [f"tissue_{i}" for i in range(n_tissues)]
 
-    tmp = _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite)
     bar = Progress(n_cells, "synthetic studies", enabled=progress)
     paths = []
     try:
-        for s in range(n_studies):
-            srng = np.random.default_rng([seed, 0x57D2, s])
-            name = f"study_{s:02d}"
-            panel = np.arange(g) if s == 0 else np.sort(srng.choice(g, int(g * srng.uniform(0.75, 1.0)), replace=False))
-            logits_rg = profile_rg[:, panel] + srng.normal(0.0, 0.2, len(panel))[None, :]
-            sampler = StudySampler(logits_rg)
-            umis = sampler.umis_for(genes_per_cell * depth_s[s], sigma=_UMI_SIGMA)
-            mix = srng.dirichlet(np.full(t, 0.7))
-            my_tissues = srng.choice(n_tissues, size=int(srng.integers(1, 3)), replace=False)
-            donors = [f"{name}_donor_{j}" for j in range(int(srng.integers(2, 7)))]
-            n = int(sizes[s])
-            type_n = srng.choice(t, size=n, p=mix)
-            row_n = type_n * n_states + srng.integers(0, n_states, n)
-            factor_n = np.exp(srng.normal(-_UMI_SIGMA**2 / 2, _UMI_SIGMA, n))  # mean one
-            umis_n = np.maximum(1, np.round(umis * factor_n)).astype(np.int64)
-            per_chunk = max(1, int(_DRAWS_PER_CHUNK // max(1.0, float(umis_n.mean()))))
-            blocks = []
-            for lo in range(0, n, per_chunk):
-                blocks.append(sampler.sample(row_n[lo : lo + per_chunk], umis_n[lo : lo + per_chunk], srng))
-                bar.advance(min(per_chunk, n - lo))
-            counts = _stack_rows(blocks)
-            obs = pd.DataFrame(
-                {
-                    "cell_type": pd.Categorical.from_codes(type_n, cell_types),
-                    "tissue": pd.Categorical([tissues[i] for i in srng.choice(my_tissues, size=n)]),
-                    "donor": pd.Categorical.from_codes(srng.integers(0, len(donors), n), donors),
-                    "study": pd.Categorical([name] * n),
-                },
-                index=pd.Index([f"{name}_cell{i:07d}" for i in range(n)]),
-            )
-            var = pd.DataFrame({"feature_name": symbols[panel]}, index=pd.Index(ids[panel]))
-            layout = layouts[s % len(layouts)]
-            if layout == "X":
-                adata = anndata.AnnData(X=counts, obs=obs, var=var)
-            else:
-                adata = anndata.AnnData(X=_normalized(counts), obs=obs, var=var)
-                if layout == "raw":
-                    adata.raw = anndata.AnnData(X=counts, obs=obs, var=var)
+        with atomic_dir(out_dir) as tmp_dir:
+            tmp = str(tmp_dir)
+            for s in range(n_studies):
+                srng = np.random.default_rng([seed, 0x57D2, s])
+                name = f"study_{s:02d}"
+                panel = np.arange(g) if s == 0 else np.sort(srng.choice(g, int(g * srng.uniform(0.75, 1.0)), replace=False))
+                logits_rg = profile_rg[:, panel] + srng.normal(0.0, 0.2, len(panel))[None, :]
+                sampler = StudySampler(logits_rg)
+                umis = sampler.umis_for(genes_per_cell * depth_s[s], sigma=_UMI_SIGMA)
+                mix = srng.dirichlet(np.full(t, 0.7))
+                my_tissues = srng.choice(n_tissues, size=int(srng.integers(1, 3)), replace=False)
+                donors = [f"{name}_donor_{j}" for j in range(int(srng.integers(2, 7)))]
+                n = int(sizes[s])
+                type_n = srng.choice(t, size=n, p=mix)
+                row_n = type_n * n_states + srng.integers(0, n_states, n)
+                factor_n = np.exp(srng.normal(-_UMI_SIGMA**2 / 2, _UMI_SIGMA, n))  # mean one
+                umis_n = np.maximum(1, np.round(umis * factor_n)).astype(np.int64)
+                per_chunk = max(1, int(_DRAWS_PER_CHUNK // max(1.0, float(umis_n.mean()))))
+                blocks = []
+                for lo in range(0, n, per_chunk):
+                    blocks.append(sampler.sample(row_n[lo : lo + per_chunk], umis_n[lo : lo + per_chunk], srng))
+                    bar.advance(min(per_chunk, n - lo))
+                counts = _stack_rows(blocks)
+                obs = pd.DataFrame(
+                    {
+                        "cell_type": pd.Categorical.from_codes(type_n, cell_types),
+                        "tissue": pd.Categorical([tissues[i] for i in srng.choice(my_tissues, size=n)]),
+                        "donor": pd.Categorical.from_codes(srng.integers(0, len(donors), n), donors),
+                        "study": pd.Categorical([name] * n),
+                    },
+                    index=pd.Index([f"{name}_cell{i:07d}" for i in range(n)]),
+                )
+                var = pd.DataFrame({"feature_name": symbols[panel]}, index=pd.Index(ids[panel]))
+                layout = layouts[s % len(layouts)]
+                if layout == "X":
+                    adata = anndata.AnnData(X=counts, obs=obs, var=var)
                 else:
-                    adata.layers["counts"] = counts
-            path = os.path.join(tmp, f"{name}.h5ad")
-            write_h5ad(adata, path)
-            paths.append(os.path.join(out_dir, f"{name}.h5ad"))
-            del adata, counts
-        swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    adata = anndata.AnnData(X=_normalized(counts), obs=obs, var=var)
+                    if layout == "raw":
+                        adata.raw = anndata.AnnData(X=counts, obs=obs, var=var)
+                    else:
+                        adata.layers["counts"] = counts
+                path = os.path.join(tmp, f"{name}.h5ad")
+                write_h5ad(adata, path)
+                paths.append(os.path.join(out_dir, f"{name}.h5ad"))
+                del adata, counts
     finally:
         bar.close()
     return paths

@@ -10,7 +10,7 @@ A prepared h5ad dataset is a folder::
     labels.json           one category table per label column (LabelTables)
     metadata.json         counts, shard list, label categories, ... (written last)
 
-:class:`PreparedWriter` writes one into a temp folder that :func:`swap_in` renames onto the
+:class:`PreparedWriter` writes one into a temp folder that :func:`scldm_scale.io.atomic_dir` renames onto the
 output at the end, so an interrupted run never leaves a folder that looks complete.
 :class:`ShardScatter` lets ``prepare`` write cells in a global order across its inputs while it
 reads one input at a time; :class:`SomaWriter` writes the same cells as a TileDB-SOMA experiment.
@@ -335,20 +335,3 @@ def remove_stale(out: str, report: Reporter) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             os.remove(p)
-
-
-def swap_in(tmp: str, out: str) -> None:
-    """Rename the finished folder ``tmp`` onto ``out`` (an existing ``out`` is moved aside, then deleted)."""
-    if os.path.lexists(out):
-        if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):
-            os.rmdir(out)
-        else:
-            old = f"{out}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.remove(old)
-            return
-    os.replace(tmp, out)

@@ -47,6 +47,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEADS, DEPTH, LATENT_TOKENS = 32, 4, 8, 16
 BATCH_SIZES = (32, 128)
+SPEED_TARGET, MEM_TARGET = 10.0, 1 / 3  # ours vs the padded model: cells per second, peak memory
 
 
 def log(msg: str) -> None:
@@ -190,6 +191,7 @@ class Result:
     cpu_cells_per_s: float = 0.0  # per CPU second of the process (what the step costs, whatever else runs)
     tokens_per_s: float = 0.0  # real (expressed-gene) tokens encoded per second
     peak_rss_mb: float = 0.0
+    rss_before_steps_mb: float = 0.0  # the process before its first step: Python, torch, model, batches
     peak_gpu_mb: float = 0.0
     tokens_per_cell: float = 0.0  # real tokens the encoder sees per cell
     slots_per_cell: float = 0.0  # token slots the per-token layers process per cell (padding included)
@@ -197,11 +199,23 @@ class Result:
     pad_fraction: float = 0.0  # padding share of the per-token layers' slots
     attention_pad_fraction: float = 0.0  # padding share of the pooling attention's keys (CPU kernel)
     flops_per_cell: float = 0.0  # forward + backward, formula
+    # forward + backward FLOPs of the same model reading each cell's tokens and decoding nothing: what any
+    # layout of this model must at least spend per cell (ours only)
+    flops_per_cell_encode_only: float = 0.0
     mfu: float | None = None
     loss_first: float = 0.0
     loss_last: float = 0.0
     params: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux ``/proc``; the peak so far elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(step, batches, warmup: int, min_steps: int, seconds: float, sync) -> tuple[int, float, float, list[float]]:
@@ -278,6 +292,7 @@ def worker(args) -> None:
         res.decoded_per_cell = res.tokens_per_cell + train.n_zero_genes
         res.attention_pad_fraction = float(np.mean([pad_fraction(ln) for ln in lengths])) if not cuda else 0.0
         res.flops_per_cell = vae_train_flops(vae_cfg, res.tokens_per_cell, res.decoded_per_cell)
+        res.flops_per_cell_encode_only = vae_train_flops(vae_cfg, res.tokens_per_cell, 0)
         res.extra = {"decode_genes": train.decode_genes.value, "n_zero_genes": train.n_zero_genes,
                      "max_genes": data.max_genes, "pad_fraction_batch_max": res.attention_pad_fraction,
                      "cells_over_max_genes": float(np.mean(nnz_n > data.max_genes))}
@@ -335,6 +350,7 @@ def worker(args) -> None:
     res.params = sum(p.numel() for p in model.parameters())
     del x  # the batches are built: the data set is not part of the step's memory
     gc.collect()
+    res.rss_before_steps_mb = current_rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     steps, seconds, cpu_seconds, losses = _timed(step, batches, args.warmup, args.min_steps, args.seconds, sync)
@@ -442,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     print("cells/s: wall clock; cells/cpu-s: per CPU second of the (single-threaded) process, what a step costs "
           "whatever else runs on the machine; tokens/s: expressed-gene tokens encoded per second (wall); "
           "slots/cell: token slots the per-token layers process (padding included); GFLOP/cell: forward + backward")
+    def step_mem(r: dict) -> float:
+        return max(r["peak_rss_mb"] - r["rss_before_steps_mb"], 0.0)
+
     by_batch = {}
     for batch in args.batch_sizes:
         ours, ref, dit = rows[("ours", batch)], rows[("padded", batch)], rows[("dit", batch)]
@@ -454,6 +473,11 @@ def main(argv: list[str] | None = None) -> None:
             "cells_per_cpu_s_padded": round(ref["cpu_cells_per_s"], 1),
             "tokens_per_s": round(ours["tokens_per_s"]), "tokens_per_s_padded": round(ref["tokens_per_s"]),
             "peak_rss_mb": round(ours["peak_rss_mb"]), "peak_rss_mb_padded": round(ref["peak_rss_mb"]),
+            # what the steps add to the process (peak RSS minus the RSS before the first step)
+            "step_mem_mb": round(step_mem(ours)), "step_mem_mb_padded": round(step_mem(ref)),
+            "step_mem_ratio_vs_padded": round(step_mem(ours) / max(step_mem(ref), 1.0), 3),
+            # ours before its first step over the padded model's peak: above 1/3, no step can meet the RSS target
+            "rss_floor_ratio_vs_padded": round(ours["rss_before_steps_mb"] / ref["peak_rss_mb"], 3),
             "attention_pad_fraction": round(ours["attention_pad_fraction"], 4),
             "dit_cells_per_s": round(dit["cells_per_s"], 1),
             "dit_cells_per_cpu_s": round(dit["cpu_cells_per_s"], 1),
@@ -472,11 +496,35 @@ def main(argv: list[str] | None = None) -> None:
         "flops_per_cell": round(first["flops_per_cell"]),
         "flops_per_cell_padded": round(ref_first["flops_per_cell"]),
         "dit_flops_per_cell": round(rows[("dit", args.batch_sizes[0])]["flops_per_cell"]),
+        "flops_per_cell_encode_only": round(first["flops_per_cell_encode_only"]),
+        # the padded model's FLOPs over those of the same model that only reads the cells' tokens:
+        # the largest speedup any layout of this model could reach at the same FLOP rate
+        "speedup_bound_encode_only": round(ref_first["flops_per_cell"] / first["flops_per_cell_encode_only"], 2),
         "by_batch": by_batch,
         "settings": {"data": os.path.basename(args.data), "device": first["device"], "dtype": first["dtype"],
                      "threads": args.threads, **first["extra"]},
     }
+    print_verdict(summary)
     print(json.dumps(summary))
+
+
+def print_verdict(summary: dict) -> None:
+    """The targets (>= 10x cells per second, <= 1/3 of the peak memory) and, where one is out of reach
+    for any layout of the same model on this data, the bound that says so."""
+    speed, mem = summary["speedup_per_cell_vs_padded"], summary["peak_mem_ratio_vs_padded"]
+    print(f"speedup (worst batch size) {speed:.1f}x, target >= {SPEED_TARGET:g}x: "
+          f"{'met' if speed >= SPEED_TARGET else 'NOT met'}; peak RSS ratio {mem:.3f}, target <= 1/3: "
+          f"{'met' if mem <= MEM_TARGET else 'NOT met'}")
+    bound = summary["speedup_bound_encode_only"]
+    if bound < SPEED_TARGET:
+        print(f"  out of reach on this data: the padded model costs {bound:.1f}x the FLOPs of the same model that "
+              f"only encodes the cells' tokens (no decoder at all), so no layout of this model is {SPEED_TARGET:g}x "
+              f"faster at the same FLOP rate")
+    for batch, v in summary["by_batch"].items():
+        if v["rss_floor_ratio_vs_padded"] > MEM_TARGET:
+            print(f"  out of reach at batch {batch}: the process before its first step (Python, torch, data) holds "
+                  f"{v['rss_floor_ratio_vs_padded']:.2f} of the padded model's peak RSS; the steps themselves take "
+                  f"{v['step_mem_mb']} MB vs {v['step_mem_mb_padded']} MB ({v['step_mem_ratio_vs_padded']:.2f})")
 
 
 if __name__ == "__main__":

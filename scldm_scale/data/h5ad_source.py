@@ -13,9 +13,13 @@ already in a global random order across the input files, so any group mixes all 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -45,6 +49,40 @@ from scldm_scale.errors import ScldmError
 log = logging.getLogger(__name__)
 
 
+_CELLARIUM_LOCK = threading.Lock()
+
+
+def cellarium_data():
+    """cellarium-ml's data package (``cellarium.ml.data``), imported without running
+    ``cellarium/ml/__init__.py`` first.
+
+    That ``__init__`` imports cellarium's training stack (``cellarium.ml.core``: Lightning,
+    torchmetrics), about 5 s per process, and the data package needs none of it: every rank and
+    every command that reads h5ad shards would pay it at start-up. When ``cellarium.ml`` is not
+    imported yet, it is registered as its package module with its ``__init__`` deferred: the module
+    runs its ``__init__`` the first time a name it does not hold is looked up (``from cellarium.ml
+    import CellariumModule`` works as usual, a few seconds later), and its submodules import as
+    usual meanwhile. When it is already imported, this is a plain import.
+    """
+    with _CELLARIUM_LOCK:
+        if "cellarium.ml" not in sys.modules:
+            spec = importlib.util.find_spec("cellarium.ml")
+            if spec is None or spec.loader is None:
+                raise ScldmError("cellarium-ml is not installed; install this package's dependencies "
+                                 "(pip install scldm-scale)")
+            package = importlib.util.module_from_spec(spec)
+
+            def run_init(name: str):
+                del package.__dict__["__getattr__"]
+                spec.loader.exec_module(package)
+                return getattr(package, name)
+
+            package.__getattr__ = run_init  # PEP 562: called only for names the module lacks
+            sys.modules["cellarium.ml"] = package
+            setattr(sys.modules["cellarium"], "ml", package)
+    return importlib.import_module("cellarium.ml.data")
+
+
 def _keep(x):
     """AnnDataField converter that returns the value untouched (sparse X, categorical obs)."""
     return x
@@ -62,7 +100,7 @@ def _positional_cell_names():
     collection's index to one ``RangeIndex`` right after (the collection's shape comes from its
     ``limits``, not from the names). Outside construction ``LazyAnnData.obs_names`` is cellarium's own.
     """
-    from cellarium.ml.data import distributed_anndata as module
+    module = cellarium_data().distributed_anndata
 
     lazy_cls = getattr(module, "LazyAnnData", None)
     original = lazy_cls.__dict__.get("obs_names") if lazy_cls is not None else None
@@ -132,7 +170,7 @@ class H5ADSource(StreamSource):
     """
 
     def __init__(self, cfg: DataConfig, vocab: GeneVocab, labels: LabelTables, validate: bool = True) -> None:
-        from cellarium.ml.data import DistributedAnnDataCollection
+        DistributedAnnDataCollection = cellarium_data().DistributedAnnDataCollection
 
         if cfg.max_cache_size < 2:
             raise ScldmError(f"data.max_cache_size={cfg.max_cache_size}: must be >= 2 (a batch may span two shards)")

@@ -89,3 +89,29 @@ def test_inference_pass_and_library_sizes(source, tiny_atlas):
     mean, std = source.library_size_stats(max_cells=100)
     log_lib = np.log(np.asarray(x[:100].sum(axis=1)).ravel())
     assert mean == pytest.approx(log_lib.mean()) and std == pytest.approx(log_lib.std())
+
+
+def test_cellarium_data_skips_the_training_stack_until_asked():
+    """The h5ad source imports cellarium's data package without Lightning; ``cellarium.ml``'s own
+    names (its ``__init__``) load on first use, and an already imported cellarium is left alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from scldm_scale.data.h5ad_source import cellarium_data\n"
+        "data = cellarium_data()\n"
+        "assert data.DistributedAnnDataCollection.__module__ == 'cellarium.ml.data.distributed_anndata'\n"
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)\n"
+        "import cellarium.ml\n"
+        "from cellarium.ml import CellariumModule\n"
+        "assert 'lightning' in sys.modules and cellarium.ml.data is data\n"
+        "assert CellariumModule.__module__ == 'cellarium.ml.core.module' and '__getattr__' not in vars(cellarium.ml)\n"
+        "assert cellarium_data() is data\n"
+        "try:\n"
+        "    cellarium.ml.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

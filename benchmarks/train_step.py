@@ -220,7 +220,7 @@ class VAEStep:
         self.mode = DecodeGenes(cfg.train.decode_genes)
 
     def loss(self, engine, batch, generator):
-        from scldm_scale.train.stages import decode_targets, token_packing, vae_loss
+        from scldm_scale.train.vae_loss import decode_targets, token_packing, vae_loss
 
         tokens = token_packing(batch)
         targets = decode_targets(batch, tokens, self.model_cfg.n_genes, self.mode, int(self.cfg.train.n_zero_genes),

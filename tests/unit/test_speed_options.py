@@ -16,7 +16,7 @@ from scldm_scale.nn.speed import compile_blocks
 from scldm_scale.nn.vae import ScVAE, VAEConfig
 from scldm_scale.api.run import load_export
 from scldm_scale.train.export import write_export
-from scldm_scale.train.stages import decode_targets, vae_loss
+from scldm_scale.train.vae_loss import decode_targets, vae_loss
 
 N_GENES = 40
 

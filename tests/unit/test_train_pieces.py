@@ -13,7 +13,7 @@ from scldm_scale.data.tokenize import tokenize_counts
 from scldm_scale.train.ema import EMA
 from scldm_scale.train.schedules import build_schedule
 from scldm_scale.nn.packing import Packing
-from scldm_scale.train.stages import decode_targets, token_packing, vae_loss
+from scldm_scale.train.vae_loss import decode_targets, token_packing, vae_loss
 
 
 def test_cosine_schedule_warmup_and_floor():

@@ -6,7 +6,7 @@ import torch
 from scldm_scale.nn.likelihood import nb_log_prob
 from scldm_scale.nn.packing import Packing
 from scldm_scale.nn.vae import VAE_PRESETS, ScVAE, VAEConfig, ValueEmbedding
-from scldm_scale.train.stages import nb_nll_per_cell
+from scldm_scale.train.vae_loss import nb_nll_per_cell
 
 
 def tiny_cfg(**kw):

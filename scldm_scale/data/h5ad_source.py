@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+import types
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -59,28 +60,51 @@ def cellarium_data():
     That ``__init__`` imports cellarium's training stack (``cellarium.ml.core``: Lightning,
     torchmetrics), about 5 s per process, and the data package needs none of it: every rank and
     every command that reads h5ad shards would pay it at start-up. When ``cellarium.ml`` is not
-    imported yet, it is registered as its package module with its ``__init__`` deferred: the module
-    runs its ``__init__`` the first time a name it does not hold is looked up (``from cellarium.ml
-    import CellariumModule`` works as usual, a few seconds later), and its submodules import as
-    usual meanwhile. When it is already imported, this is a plain import.
+    imported yet, it is registered as its package module with its ``__init__`` deferred (see
+    :func:`_deferred_package`); its submodules import as usual. When it is already imported, this
+    is a plain import.
     """
     with _CELLARIUM_LOCK:
         if "cellarium.ml" not in sys.modules:
-            spec = importlib.util.find_spec("cellarium.ml")
+            try:
+                spec = importlib.util.find_spec("cellarium.ml")
+            except ModuleNotFoundError:
+                spec = None
             if spec is None or spec.loader is None:
-                raise ScldmError("cellarium-ml is not installed; install this package's dependencies "
-                                 "(pip install scldm-scale)")
-            package = importlib.util.module_from_spec(spec)
-
-            def run_init(name: str):
-                del package.__dict__["__getattr__"]
-                spec.loader.exec_module(package)
-                return getattr(package, name)
-
-            package.__getattr__ = run_init  # PEP 562: called only for names the module lacks
+                raise ScldmError("cellarium-ml is not installed (needed to read h5ad shards); install this "
+                                 "package with its dependencies: pip install scldm-scale")
+            package = _deferred_package(spec)
             sys.modules["cellarium.ml"] = package
             setattr(sys.modules["cellarium"], "ml", package)
     return importlib.import_module("cellarium.ml.data")
+
+
+def _deferred_package(spec) -> types.ModuleType:
+    """The package module of ``spec`` whose ``__init__`` runs the first time a name it does not hold
+    is looked up (PEP 562 module ``__getattr__``): ``from cellarium.ml import CellariumModule``
+    works as usual, a few seconds later. Concurrent lookups wait for that one run; a failed run
+    raises its error and is tried again at the next lookup."""
+    package = importlib.util.module_from_spec(spec)
+    lock = threading.RLock()
+    state = {"done": False, "running": False}
+
+    def run_init(name: str):
+        with lock:
+            if not state["done"] and not state["running"]:  # running: a lookup from the __init__ itself
+                state["running"] = True
+                try:
+                    spec.loader.exec_module(package)
+                    state["done"] = True
+                    package.__dict__.pop("__getattr__", None)
+                finally:
+                    state["running"] = False
+        try:
+            return package.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module {spec.name!r} has no attribute {name!r}") from None
+
+    package.__getattr__ = run_init
+    return package
 
 
 def _keep(x):

@@ -3,6 +3,8 @@ the epoch order draws from ``shards_per_batch`` shards; the inference pass reads
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -103,8 +105,13 @@ def test_cellarium_data_skips_the_training_stack_until_asked():
         "data = cellarium_data()\n"
         "assert data.DistributedAnnDataCollection.__module__ == 'cellarium.ml.data.distributed_anndata'\n"
         "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)\n"
+        "import threading\n"
         "import cellarium.ml\n"
+        "found = []\n"
+        "threads = [threading.Thread(target=lambda: found.append(cellarium.ml.CellariumModule)) for _ in range(3)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
         "from cellarium.ml import CellariumModule\n"
+        "assert found == [CellariumModule] * 3  # concurrent first lookups wait for the one run\n"
         "assert 'lightning' in sys.modules and cellarium.ml.data is data\n"
         "assert CellariumModule.__module__ == 'cellarium.ml.core.module' and '__getattr__' not in vars(cellarium.ml)\n"
         "assert cellarium_data() is data\n"
@@ -115,3 +122,32 @@ def test_cellarium_data_skips_the_training_stack_until_asked():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_deferred_package_init_runs_once_and_retries_after_a_failure(tmp_path, monkeypatch):
+    import importlib.util
+
+    from scldm_scale.data.h5ad_source import _deferred_package
+
+    (tmp_path / "deferpkg" / "sub").mkdir(parents=True)
+    (tmp_path / "deferpkg" / "__init__.py").write_text("")
+    mark = tmp_path / "fail_once"
+    mark.write_text("")
+    (tmp_path / "deferpkg" / "sub" / "__init__.py").write_text(
+        "import os\n"
+        f"if os.path.exists({str(mark)!r}):\n"
+        f"    os.remove({str(mark)!r})\n"
+        "    raise RuntimeError('first run fails')\n"
+        "RUNS = globals().get('RUNS', 0) + 1\n"
+        "VALUE = 42\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = _deferred_package(importlib.util.find_spec("deferpkg.sub"))
+    assert "VALUE" not in vars(package)  # nothing ran yet
+    with pytest.raises(RuntimeError, match="first run fails"):
+        package.VALUE
+    assert package.VALUE == 42 and package.RUNS == 1  # tried again, then ran once
+    assert package.VALUE == 42 and package.RUNS == 1 and "__getattr__" not in vars(package)
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        package.missing
+    monkeypatch.delitem(sys.modules, "deferpkg", raising=False)
